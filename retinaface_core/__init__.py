@@ -1,0 +1,26 @@
+"""RetinaFace core: model, anchors, box coding, pre/post-processing, weights, loss, evaluation.
+
+Pure PyTorch, numpy and OpenCV; nothing here imports Ray.
+"""
+
+from .config import CONFIGS, RetinaFaceConfig, get_config
+from .detector import Detector
+from .model import RetinaFace, RetinaFaceOutput
+from .postprocessing import Detections
+from .preprocessing import InputScale, InvalidImageError
+from .weights import PRETRAINED, CheckpointError, load_weights
+
+__all__ = [
+    "CONFIGS",
+    "PRETRAINED",
+    "CheckpointError",
+    "Detections",
+    "Detector",
+    "InputScale",
+    "InvalidImageError",
+    "RetinaFace",
+    "RetinaFaceConfig",
+    "RetinaFaceOutput",
+    "get_config",
+    "load_weights",
+]

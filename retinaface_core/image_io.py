@@ -1,0 +1,127 @@
+"""Reading encoded images into the uint8 BGR arrays the detector takes, with errors that name the file.
+
+Decoding goes through Pillow rather than ``cv2.imdecode`` because OpenCV silently returns a
+partly grey image for a truncated JPEG, while Pillow raises; Pillow also reads every mode
+(grey, palette, alpha, 16-bit, CMYK) and the EXIF orientation tag, so the pixels returned are
+the image as a viewer displays it and every coordinate computed on them refers to that view.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import fsspec
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# Truncated files must fail, not be padded with grey (Pillow's default, made explicit here
+# because other code in the same process may have flipped this global).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageDecodeError(ValueError):
+    """An object that cannot be turned into an image; the message names it and says why.
+
+    ``kind`` is a short machine-readable reason: ``empty``, ``not_image``, ``truncated``,
+    ``corrupt``, ``too_large``, ``not_found``, ``permission_denied`` or ``unreadable``.
+    """
+
+    def __init__(self, message: str, kind: str = "corrupt") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    if not data:
+        raise ImageDecodeError(f"{name}: empty object (0 bytes)", "empty")
+    try:
+        # The pixel limit is ours (checked below, from the header); Pillow's own bomb check
+        # would raise a different error first for large limits.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"{name}: not an image (unrecognised format)", "not_image") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"{name}: {exc}", "too_large") from exc
+    except Exception as exc:
+        raise ImageDecodeError(f"{name}: unreadable image header ({exc})", "corrupt") from exc
+
+
+def image_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) from the header alone, without decoding the pixels."""
+    with _open(data, name) as im:
+        return im.size
+
+
+def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"{name}: {width}x{height} = {width * height / 1e6:.1f} MP exceeds the limit of {max_pixels / 1e6:g} MP",
+            "too_large",
+        )
+
+
+def _to_rgb8(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. Alpha is dropped (the colour under it is kept)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # Pillow's convert("L") clips 16-bit values at 255 instead of rescaling them.
+        wide = np.asarray(im, dtype=np.uint32 if im.mode == "I" else np.uint16)
+        shift = 8 if im.mode != "I" or wide.max(initial=0) > 255 else 0
+        im = Image.fromarray((wide >> shift).astype(np.uint8), "L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded bytes to an H x W x 3 uint8 BGR array, EXIF orientation applied.
+
+    H x W are the displayed size (after the EXIF rotation). Grey, alpha, palette, 16-bit and
+    CMYK images are converted to 8-bit BGR. Images over ``max_pixels`` are refused from their
+    header, before any pixel is allocated (decompression bombs). Zero-byte, non-image,
+    truncated and corrupt data raise :class:`ImageDecodeError` naming ``name`` and the reason.
+    """
+    im = _open(data, name)
+    with im:
+        _check_pixels(*im.size, name, max_pixels)
+        try:
+            im.load()
+        except OSError as exc:
+            kind = "truncated" if "truncated" in str(exc) else "corrupt"
+            raise ImageDecodeError(f"{name}: {kind} image data ({exc})", kind) from exc
+        except Exception as exc:
+            raise ImageDecodeError(f"{name}: corrupt image data ({exc})", "corrupt") from exc
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception:
+            pass  # an unparsable EXIF block leaves the stored orientation, like most viewers
+        rgb = np.asarray(_to_rgb8(im))
+    if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ImageDecodeError(f"{name}: empty image of shape {rgb.shape}", "corrupt")
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def read_bytes(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> bytes:
+    """All bytes of one object; missing and forbidden objects raise :class:`ImageDecodeError`."""
+    try:
+        if fs is None:
+            with fsspec.open(uri, "rb") as f:
+                return f.read()
+        return fs.cat_file(uri)
+    except FileNotFoundError as exc:
+        raise ImageDecodeError(f"{uri}: no such object", "not_found") from exc
+    except PermissionError as exc:
+        raise ImageDecodeError(f"{uri}: permission denied ({exc})", "permission_denied") from exc
+    except IsADirectoryError as exc:
+        raise ImageDecodeError(f"{uri}: is a directory", "unreadable") from exc
+    except OSError as exc:
+        raise ImageDecodeError(f"{uri}: unreadable ({exc})", "unreadable") from exc
+
+
+def read_image(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read and decode an image from a local path or any fsspec URI."""
+    return decode_image(read_bytes(uri), uri, max_pixels)
