@@ -1,0 +1,99 @@
+"""Detector throughput on this machine, all figures from one run.
+
+    RETINAFACE_WEIGHTS_DIR=../shared/weights python benchmarks/bench_detector.py [--compile] [--seconds 5]
+
+Prints images/s for: JPEG decode alone; the plain eager forward pass (network as loaded,
+NCHW float input, no optimisation); the optimised forward (BatchNorm folded, channels_last,
+inference_mode; optionally torch.compile); full ``detect`` from JPEG bytes to detections at
+square:640 with batch 1 and 8; and at original size on crowd_selfie.jpg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from retinaface_core import Detector, load_weights
+from retinaface_core.image_io import decode_image
+
+SHARED = Path(os.environ.get("RETINAFACE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def rate(fn: Callable[[], int], seconds: float) -> float:
+    """Images per second of ``fn`` (which returns how many images it handled), after one warm-up call."""
+    fn()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        done += fn()
+    return done / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure")
+    parser.add_argument("--size", type=int, default=640)
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    args = parser.parse_args()
+
+    photos = sorted((SHARED / "images").glob("*.jpg")) + sorted((SHARED / "widerface/val/images").glob("*/*.jpg"))
+    if not photos:
+        raise SystemExit(f"no photos under {SHARED}; set RETINAFACE_SHARED")
+    encoded = [p.read_bytes() for p in photos]
+    size = args.size
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"{len(photos)} photos, {size}x{size}")
+
+    cursor = iter(range(10**9))
+
+    def next_bytes() -> bytes:
+        return encoded[next(cursor) % len(encoded)]
+
+    print(f"decode (cv2 via decode_image)          {rate(lambda: (decode_image(next_bytes(), 'x'), 1)[1], args.seconds):7.1f} img/s")
+
+    loaded = load_weights()
+    plain = loaded.model.eval()
+    x = torch.randn(1, 3, size, size)
+
+    def eager() -> int:
+        with torch.no_grad():
+            plain(x)
+        return 1
+
+    eager_rate = rate(eager, args.seconds)
+    print(f"forward, eager as loaded (NCHW)        {eager_rate:7.1f} img/s")
+
+    variants = [("optimised", False)] + ([("optimised + compile", True)] if args.compile else [])
+    pixels = np.zeros((1, size, size, 3), np.uint8)
+    for label, compiled in variants:
+        detector = Detector(loaded, scale=f"square:{size}", compile=compiled)
+        print(f"forward, {label:<29} {rate(lambda: (detector.forward(pixels), 1)[1], args.seconds):7.1f} img/s")
+
+    for label, compiled in variants:
+        detector = Detector(loaded, scale=f"square:{size}", compile=compiled)
+        for batch in (1, 8):
+            def full() -> int:
+                images = [decode_image(next_bytes(), "x") for _ in range(batch)]
+                detector.detect(images)
+                return batch
+            figure = rate(full, args.seconds)
+            print(f"detect square:{size} batch {batch} ({label:<9.9}) {figure:7.1f} img/s   "
+                  f"({figure / eager_rate:.2f}x eager forward)")
+
+    selfie = (SHARED / "images/crowd_selfie.jpg").read_bytes()
+    original = Detector(loaded, scale="original", score_threshold=0.02)
+    image = cv2.imdecode(np.frombuffer(selfie, np.uint8), cv2.IMREAD_COLOR)
+    faces = len(original.detect(image)[0])
+    figure = rate(lambda: (original.detect(decode_image(selfie, "selfie")), 1)[1], args.seconds)
+    print(f"detect original {image.shape[1]}x{image.shape[0]} crowd_selfie    {figure:7.1f} img/s   "
+          f"({faces} detections at score > 0.02)")
+
+
+if __name__ == "__main__":
+    main()
