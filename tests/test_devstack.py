@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,11 +11,14 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pyarrow.fs
-import pytest
 import s3fs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVSTACK = ROOT / "infra/dev/devstack.py"
+_spec = importlib.util.spec_from_file_location("devstack", DEVSTACK)
+devstack_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(devstack_module)
+process_group = devstack_module.group_members
 
 
 def devstack(command: str, state_dir: Path, **env: str) -> subprocess.CompletedProcess:
@@ -22,18 +26,6 @@ def devstack(command: str, state_dir: Path, **env: str) -> subprocess.CompletedP
         [sys.executable, str(DEVSTACK), command, "--num-cpus", "2"] if command == "up" else [sys.executable, str(DEVSTACK), command],
         capture_output=True, text=True, timeout=240, env={**os.environ, "DEVSTACK_DIR": str(state_dir), **env},
     )
-
-
-def process_group(pgid: int) -> list[int]:
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
 
 
 def test_devstack_up_job_down(tmp_path, shared_dir, weights_dir):

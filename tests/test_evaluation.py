@@ -31,13 +31,8 @@ GT_FILES = ("wider_face_val.mat", "wider_easy_val.mat", "wider_medium_val.mat", 
 
 
 @pytest.fixture(scope="module")
-def shared() -> Path:
-    return Path(os.environ.get("RETINAFACE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-
-
-@pytest.fixture(scope="module")
-def gt_dir(shared: Path) -> Path:
-    gt_dir = shared / "widerface" / "ground_truth"
+def gt_dir(shared_dir: Path) -> Path:
+    gt_dir = shared_dir / "widerface" / "ground_truth"
     missing = [name for name in GT_FILES if not (gt_dir / name).is_file()]
     if missing:
         pytest.skip(f"WIDER FACE val ground truth not found in {gt_dir} (missing {missing}); set RETINAFACE_SHARED")
@@ -546,38 +541,15 @@ def test_read_predictions_missing_root(tmp_path: Path) -> None:
         read_predictions(str(tmp_path / "nope"))
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    pytest.importorskip("moto.server", reason="moto[server] is needed for the S3 round trip")
-    s3fs = pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, key="testing", secret="testing").mkdir("predictions")
-    yield endpoint
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    return s3_endpoint
-
-
-def test_predictions_round_trip_s3(s3_env: str, gt: WiderValGroundTruth) -> None:
+def test_predictions_round_trip_s3(s3_server: str, make_bucket, gt: WiderValGroundTruth) -> None:
     import s3fs
 
+    bucket = make_bucket("predictions")
     predictions = sample_predictions()
-    write_predictions(predictions, "s3://predictions/run1")
-    listed = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_env}, skip_instance_cache=True).find("predictions")
-    assert sorted(listed) == sorted(f"predictions/run1/{name}.txt" for name in predictions)
-    read = read_predictions("s3://predictions/run1")
+    write_predictions(predictions, f"s3://{bucket}/run1")
+    listed = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True).find(bucket)
+    assert sorted(listed) == sorted(f"{bucket}/run1/{name}.txt" for name in predictions)
+    read = read_predictions(f"s3://{bucket}/run1")
     assert_same_predictions(read, predictions)
     assert evaluate(read, gt, subset=True).num_images == 3
 

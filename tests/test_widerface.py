@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import fsspec
@@ -33,13 +32,8 @@ GT_FILES = (
 
 
 @pytest.fixture(scope="module")
-def shared() -> Path:
-    return Path(os.environ.get("RETINAFACE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-
-
-@pytest.fixture(scope="module")
-def gt_dir(shared: Path) -> Path:
-    gt_dir = shared / "widerface" / "ground_truth"
+def gt_dir(shared_dir: Path) -> Path:
+    gt_dir = shared_dir / "widerface" / "ground_truth"
     missing = [name for name in GT_FILES if not (gt_dir / name).is_file()]
     if missing:
         pytest.skip(f"WIDER FACE val ground truth not found in {gt_dir} (missing {missing}); set RETINAFACE_SHARED")
