@@ -1,0 +1,117 @@
+"""Inspect and move the model registry's ``current`` pointer.
+
+::
+
+    python -m jobs.registry list     --registry s3://bucket/models/retinaface
+    python -m jobs.registry show     --registry URI [VERSION]      (default: the current one)
+    python -m jobs.registry promote  --registry URI VERSION [--force]
+    python -m jobs.registry rollback --registry URI [--to VERSION]
+    python -m jobs.registry register --registry URI --checkpoint NAME|PATH|URI --val URI [--val-gt DIR] [--val-scale long:640]
+
+``register`` evaluates an existing checkpoint (e.g. the published one, to have a baseline to
+promote against) on a validation set and stores it as the next version.
+
+``promote`` exits with status 1 when the gate refuses the version (its val AP is lower than the
+current model's on some level, or not comparable); ``--force`` promotes anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from retinaface_core.registry import ModelRegistry, ModelVersion, RegistryError, validation_record
+from retinaface_core.training import ground_truth_from_dataset, model_checkpoint_bytes, open_wider_dataset, validate
+from retinaface_core.weights import load_weights
+from retinaface_core.widerface import LEVELS, read_ground_truth_mat
+
+
+def _format_ap(ap: dict[str, float] | None) -> str:
+    if not ap:
+        return "-"
+    return " / ".join(f"{ap[level]:.4f}" for level in LEVELS)
+
+
+def _list(registry: ModelRegistry) -> None:
+    current = registry.current()
+    print(f"{'':2}{'version':<9}{'created':<27}{'val AP easy / medium / hard':<30}sha256")
+    for version in registry.versions():
+        entry = registry.get(version)
+        mark = "* " if version == current else "  "
+        print(f"{mark}{version:<9}{entry.created:<27}{_format_ap(entry.val_ap):<30}{entry.sha256[:12]}")
+
+
+def _register_checkpoint(registry: ModelRegistry, checkpoint: str, val: str, val_gt: str | None, scale: str) -> ModelVersion:
+    loaded = load_weights(checkpoint)
+    dataset = open_wider_dataset(val)
+    ground_truth = read_ground_truth_mat(val_gt) if val_gt else ground_truth_from_dataset(dataset)
+    ap = validate(loaded.model, loaded.config, dataset, ground_truth, scale=scale)
+    return registry.register(
+        model_checkpoint_bytes(loaded.model),
+        config={"model": loaded.config.to_dict(), "source": {"checkpoint": checkpoint, "sha256": loaded.sha256}},
+        metrics={"val": validation_record(ap, val=val, val_gt=val_gt, scale=scale)},
+        train_data={"init": checkpoint, "val": val, "val_gt": val_gt},
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", required=True, help="registry URI (local path, s3://..., any fsspec URI)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", parents=[common], help="versions, their val AP; * marks the current one")
+    show = commands.add_parser("show", parents=[common], help="one version's manifest")
+    show.add_argument("version", nargs="?")
+    promote = commands.add_parser("promote", parents=[common], help="make a version current if its val AP is not lower on any level")
+    promote.add_argument("version", help="a version (v0003) or 'latest', the newest registered one")
+    promote.add_argument("--force", action="store_true", help="promote even if the gate refuses")
+    rollback = commands.add_parser("rollback", parents=[common], help="make the previously current version (or --to) current again")
+    rollback.add_argument("--to", help="version to make current")
+    register = commands.add_parser("register", parents=[common], help="evaluate a checkpoint on a validation set and add it as a new version")
+    register.add_argument("--checkpoint", required=True, help="checkpoint name, path or URI")
+    register.add_argument("--val", required=True, help="validation dataset URI (images/ + label.txt or *bbx_gt.txt)")
+    register.add_argument("--val-gt", help="folder of the official wider_*_val.mat files")
+    register.add_argument("--val-scale", default="long:640", help="detector input scale (default: long:640)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    registry = ModelRegistry(args.registry)
+    try:
+        if args.command == "list":
+            _list(registry)
+        elif args.command == "show":
+            version = args.version or registry.current()
+            if version is None:
+                raise RegistryError(f"{args.registry}: no current version")
+            entry = registry.get(version)
+            print(json.dumps({**entry.__dict__, "current": version == registry.current()}, indent=2))
+        elif args.command == "promote":
+            version = args.version
+            if version == "latest":
+                if not registry.versions():
+                    raise RegistryError(f"{args.registry}: no registered version")
+                version = registry.versions()[-1]
+            decision = registry.promote(version, force=args.force)
+            verdict = "promoted" if decision.promoted else "refused"
+            print(f"{verdict} {decision.version} (previous: {decision.previous}): {decision.reason}")
+            return 0 if decision.promoted else 1
+        elif args.command == "rollback":
+            previous = registry.current()
+            target = registry.rollback(args.to)
+            print(f"current: {target} (was {previous})")
+        else:
+            entry = _register_checkpoint(registry, args.checkpoint, args.val, args.val_gt, args.val_scale)
+            print(f"registered {entry.version}: val AP easy / medium / hard {_format_ap(entry.val_ap)}")
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""Fine-tune or train RetinaFace on a WIDER-format dataset with Ray Train (``TorchTrainer``).
+
+Run locally (starts a local Ray)::
+
+    python -m jobs.train --train s3://bucket/widerface/train/ --val s3://bucket/widerface/val/ \\
+        --val-gt s3://bucket/widerface/ground_truth/ --storage s3://bucket/runs --name wf-2026-11 \\
+        --registry s3://bucket/models/retinaface
+
+or on a cluster::
+
+    ray job submit --working-dir . -- python -m jobs.train --num-workers 8 --use-gpu ...
+
+Every epoch each worker reports the loss components, learning rate and images/s (rank 0 adds
+the val AP); rank 0 checkpoints model, optimizer, scheduler and epoch under
+``STORAGE/NAME/``. Running again with the same ``--name`` and ``--storage`` resumes from the
+latest checkpoint; ``--max-failures`` restarts the worker group from it after a crash. At the end
+the final model is registered under ``--registry`` (and promoted with ``--promote`` if it passes
+the gate). See ``docs/train.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow.fs
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch.utils.data import DataLoader
+
+from retinaface_core.augment import TrainAugment
+from retinaface_core.config import RetinaFaceConfig, get_config
+from retinaface_core.model import RetinaFace
+from retinaface_core.registry import ModelRegistry, resolve_model, validation_record
+from retinaface_core.training import (
+    EpochStats,
+    Schedule,
+    WiderDataset,
+    WiderTrainDataset,
+    collate_faces,
+    ground_truth_from_dataset,
+    make_optimizer,
+    model_checkpoint_bytes,
+    open_wider_dataset,
+    train_one_epoch,
+    validate,
+)
+from retinaface_core.weights import load_weights
+from retinaface_core.widerface import WiderValGroundTruth, read_ground_truth_mat
+
+from ._config import config_dict, format_config, parse_config
+
+STATE_FILE = "train_state.pt"
+MODEL_FILE = "model.pth"
+CONFIG_FILE = "train_config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Train RetinaFace on a WIDER-format dataset with Ray Train."""
+
+    train: str = field(metadata={"help": "training dataset URI: a folder with images/ and label.txt or *bbx_gt.txt, or the annotation file"})
+    val: str | None = field(default=None, metadata={"help": "validation dataset URI (same layout); val AP is computed every epoch when given"})
+    val_gt: str | None = field(default=None, metadata={"help": "folder of the official wider_face_val.mat and wider_{easy,medium,hard}_val.mat (default: every val face counts at every level)"})
+    val_scale: str = field(default="long:640", metadata={"help": "detector input scale for validation"})
+    init: str = field(default="mobilenet0.25-1mb", metadata={"help": "starting weights: a checkpoint name, path or URI, a model registry URI (its current version) or REGISTRY/vNNNN, or 'scratch'"})
+    arch: str | None = field(default=None, metadata={"help": "RetinaFace config name (default: the init checkpoint's; mobilenet0.25-1mb from scratch)"})
+    train_size: int | None = field(default=None, metadata={"help": "side of the square training crops (default: the config's train_size)"})
+    num_workers: int = field(default=2, metadata={"help": "Ray Train workers"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
+    loader_workers: int = field(default=2, metadata={"help": "DataLoader processes per worker that decode and augment ahead of the step"})
+    epochs: int = field(default=10, metadata={"help": "passes over the training data"})
+    batch_size: int = field(default=8, metadata={"help": "images per step per worker"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay (not on BatchNorm parameters and biases)"})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "epochs of linear learning-rate warm-up"})
+    schedule: str = field(default="step", metadata={"help": "decay after warm-up", "choices": ["step", "cosine"]})
+    box_weight: float = field(default=2.0, metadata={"help": "lambda1: weight of the box regression loss"})
+    landmark_weight: float = field(default=1.0, metadata={"help": "lambda2: weight of the landmark regression loss"})
+    min_face_size: float = field(default=2.0, metadata={"help": "drop faces smaller than this many pixels after resizing"})
+    freeze_bn: bool = field(default=False, metadata={"help": "keep BatchNorm statistics fixed (fine-tuning with few images per worker)"})
+    augment: bool = field(default=True, metadata={"help": "random crop, photometric distortion, mirror; --no-augment only resizes (an overfitting sanity check)"})
+    seed: int = field(default=0, metadata={"help": "augmentation and shuffling seed"})
+    storage: str | None = field(default=None, metadata={"help": "checkpoint storage URI shared by all nodes (default: Ray's ~/ray_results)"})
+    name: str | None = field(default=None, metadata={"help": "run name; a rerun with the same name and storage resumes (default: retinaface-<time>)"})
+    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the latest checkpoint before the run fails"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in storage"})
+    registry: str | None = field(default=None, metadata={"help": "model registry URI to register the final model in"})
+    promote: bool = field(default=False, metadata={"help": "promote the registered model if its val AP is not lower on any level"})
+    s3_endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint for --storage (default: $AWS_ENDPOINT_URL / AWS config)"})
+    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)"})
+
+    def __post_init__(self) -> None:
+        if self.name is None:
+            self.name = "retinaface-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def _initial_model(cfg: TrainConfig) -> tuple[RetinaFace, RetinaFaceConfig]:
+    if cfg.init == "scratch":
+        config = get_config(cfg.arch or "mobilenet0.25-1mb")
+        return RetinaFace(config), config
+    checkpoint, _ = resolve_model(cfg.init)
+    loaded = load_weights(checkpoint, config=cfg.arch)
+    return loaded.model, loaded.config
+
+
+def _unwrap(model: torch.nn.Module) -> RetinaFace:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The per-worker training loop that ``TorchTrainer`` runs (rank 0 also validates and checkpoints)."""
+    cfg = TrainConfig(**loop_config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+
+    model, config = _initial_model(cfg)
+    model.train()
+    size = cfg.train_size or config.train_size
+    dataset = WiderTrainDataset(
+        open_wider_dataset(cfg.train),
+        TrainAugment(
+            size=size,
+            mean_bgr=config.mean_bgr,
+            min_face_size=cfg.min_face_size,
+            crop=cfg.augment,
+            photometric=cfg.augment,
+            mirror_probability=0.5 if cfg.augment else 0.0,
+            random_interpolation=cfg.augment,
+        ),
+        seed=cfg.seed,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        # Uneven last batches skew BatchNorm; a dataset smaller than one batch per worker keeps its one.
+        drop_last=len(dataset) >= cfg.batch_size * world,
+        num_workers=cfg.loader_workers,
+        collate_fn=collate_faces,
+        prefetch_factor=2 if cfg.loader_workers else None,
+    )
+    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+    steps_per_epoch = len(loader)
+
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        # Before wrapping, so that the keys never carry DDP's "module." prefix.
+        model.load_state_dict(state["model"])
+    model = ray.train.torch.prepare_model(model)
+    # Built after the model moved to its device, so that restored momentum lands there too.
+    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    schedule = Schedule(
+        total_steps=steps_per_epoch * cfg.epochs, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), kind=cfg.schedule
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    start_epoch = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"] + 1
+
+    validation = _validation_data(cfg) if rank == 0 and cfg.val else None
+    for epoch in range(start_epoch, cfg.epochs):
+        if world > 1:
+            loader.sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step
+        local = train_one_epoch(
+            model,
+            loader,
+            optimizer,
+            scheduler,
+            config,
+            device,
+            box_weight=cfg.box_weight,
+            landmark_weight=cfg.landmark_weight,
+            freeze_batchnorm=cfg.freeze_bn,
+        )
+        metrics = _epoch_metrics(local, world, epoch, start_epoch, lr)
+        if rank != 0:
+            ray.train.report(metrics)
+            continue
+        network = _unwrap(model)
+        if validation is not None:
+            val_dataset, ground_truth = validation
+            metrics["val_ap"] = validate(network, config, val_dataset, ground_truth, scale=cfg.val_scale, device=device)
+        with tempfile.TemporaryDirectory() as folder:
+            _write_checkpoint(Path(folder), network, optimizer, scheduler, epoch, cfg, metrics)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+def _validation_data(cfg: TrainConfig) -> tuple[WiderDataset, WiderValGroundTruth]:
+    dataset = open_wider_dataset(cfg.val)
+    ground_truth = read_ground_truth_mat(cfg.val_gt) if cfg.val_gt else ground_truth_from_dataset(dataset)
+    return dataset, ground_truth
+
+
+def _epoch_metrics(local: EpochStats, world: int, epoch: int, start_epoch: int, lr: float) -> dict[str, Any]:
+    """Loss per image averaged over all workers; throughput summed over workers (per worker too)."""
+    totals = local.as_vector()
+    if world > 1:
+        dist.all_reduce(totals)
+    stats = EpochStats.from_vector(totals)
+    images = max(stats.images, 1)
+    mean_seconds = stats.seconds / world
+    return {
+        "epoch": epoch,
+        "resumed_from_epoch": start_epoch,
+        "lr": lr,
+        **{f"loss_{name}": value / images for name, value in stats.loss_sums.items()},
+        "positives_per_image": stats.positives / images,
+        "images": stats.images,
+        "steps_per_worker": stats.steps // world,
+        "images_per_second": stats.images / mean_seconds if mean_seconds else 0.0,
+        "images_per_second_per_worker": stats.images / world / mean_seconds if mean_seconds else 0.0,
+        "data_wait_share": stats.data_seconds / stats.seconds if stats.seconds else 0.0,
+        "epoch_seconds": mean_seconds,
+    }
+
+
+def _write_checkpoint(
+    folder: Path,
+    model: RetinaFace,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    cfg: TrainConfig,
+    metrics: dict[str, Any],
+) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "config": model.config.to_dict(),
+    }
+    torch.save(state, folder / STATE_FILE)
+    (folder / MODEL_FILE).write_bytes(model_checkpoint_bytes(model))
+    (folder / CONFIG_FILE).write_text(json.dumps({"train": config_dict(cfg), "model": model.config.to_dict()}, indent=2))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def storage_filesystem(cfg: TrainConfig) -> tuple[str | None, pyarrow.fs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig from ``--storage``.
+
+    S3 with an explicit endpoint gets a configured pyarrow S3 filesystem; other URIs pyarrow
+    does not know (memory://, any fsspec-only protocol) go through fsspec.
+    """
+    if cfg.storage is None:
+        return None, None
+    protocol = fsspec.utils.get_protocol(cfg.storage)
+    if protocol in ("s3", "s3a") and cfg.s3_endpoint_url:
+        return cfg.storage.split("://", 1)[1], pyarrow.fs.S3FileSystem(endpoint_override=cfg.s3_endpoint_url)
+    if protocol in ("file", "local", "s3", "s3a", "gs", "gcs", "hdfs", "abfs", "abfss"):
+        return cfg.storage, None
+    fs, path = fsspec.core.url_to_fs(cfg.storage)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def build_trainer(cfg: TrainConfig, train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker) -> TorchTrainer:
+    """The ``TorchTrainer`` of a run; ``train_loop`` is replaceable (tests inject failures with it)."""
+    storage_path, storage_fs = storage_filesystem(cfg)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=config_dict(cfg),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+
+
+def register_result(cfg: TrainConfig, checkpoint: Checkpoint) -> dict[str, Any]:
+    """Register the run's final model under ``--registry`` (and promote it with ``--promote``)."""
+    with checkpoint.as_directory() as folder:
+        model_bytes = (Path(folder) / MODEL_FILE).read_bytes()
+        stored = json.loads((Path(folder) / CONFIG_FILE).read_text())
+        metrics = json.loads((Path(folder) / "metrics.json").read_text())
+    if "val_ap" in metrics:
+        metrics["val"] = validation_record(metrics["val_ap"], val=cfg.val, val_gt=cfg.val_gt, scale=cfg.val_scale)
+    registry = ModelRegistry(cfg.registry)
+    entry = registry.register(
+        model_bytes,
+        config=stored,
+        metrics=metrics,
+        train_data={"train": cfg.train, "val": cfg.val, "val_gt": cfg.val_gt, "init": cfg.init, "run": cfg.name},
+    )
+    outcome: dict[str, Any] = {"version": entry.version, "uri": entry.uri, "sha256": entry.sha256}
+    if cfg.promote:
+        decision = registry.promote(entry.version)
+        outcome.update(promoted=decision.promoted, promotion_reason=decision.reason)
+    return outcome
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) the run, then register its final model; returns a summary."""
+    result = build_trainer(cfg).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.name} finished without a checkpoint")
+    summary: dict[str, Any] = {"run": cfg.name, "checkpoint": result.checkpoint.path, "metrics": result.metrics}
+    if cfg.registry:
+        summary["registry"] = register_result(cfg, result.checkpoint)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(TrainConfig, argv)
+    print("jobs.train settings:\n" + format_config(cfg), flush=True)
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+    summary = run(cfg)
+    print(json.dumps(summary, indent=2, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

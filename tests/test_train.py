@@ -1,0 +1,245 @@
+"""Ray Train fine-tuning on real WIDER images served from S3: losses, checkpoints, resume, fault tolerance.
+
+The dataset is built in the test from the 12 WIDER FACE val images in ``../shared`` and their
+official boxes (no landmarks), uploaded to the session's moto S3 server. Runs are small (train
+size 256, two CPU workers, a few steps per epoch) to keep the suite quick on two cores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from retinaface_core.detector import Detector
+from retinaface_core.registry import ModelRegistry, resolve_model
+from retinaface_core.training import Schedule, WiderTrainDataset, collate_faces, open_wider_dataset
+from retinaface_core.augment import TrainAugment
+from retinaface_core.weights import load_weights
+from retinaface_core.widerface import read_bbx_gt, write_bbx_gt
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+TRAIN_SIZE = 256
+
+
+@pytest.fixture(scope="module")
+def wider_s3(shared_dir: Path, make_bucket) -> str:
+    """s3://BUCKET/wider/ with images/EVENT/NAME.jpg and wider_face_val_bbx_gt.txt for the 12 images."""
+    images_dir = shared_dir / "widerface" / "val" / "images"
+    names = sorted(str(p.relative_to(images_dir)) for p in images_dir.glob("*/*.jpg"))
+    assert len(names) == 12
+    annotations = {a.name: a for a in read_bbx_gt(str(shared_dir / "widerface" / "ground_truth" / "wider_face_val_bbx_gt.txt"), degenerate="drop")}
+    root = f"s3://{make_bucket('wider')}/wider"
+    fs = fsspec.filesystem("s3")
+    for name in names:
+        fs.pipe(f"{root}/images/{name}", (images_dir / name).read_bytes())
+    write_bbx_gt([annotations[n] for n in names], f"{root}/wider_face_val_bbx_gt.txt")
+    return root
+
+
+def small_config(wider_s3: str, **overrides):
+    from jobs.train import TrainConfig
+
+    settings = dict(
+        train=wider_s3,
+        train_size=TRAIN_SIZE,
+        num_workers=2,
+        loader_workers=1,
+        batch_size=2,
+        epochs=3,
+        lr=2e-3,
+        warmup_epochs=0.0,
+        schedule="cosine",
+        max_failures=0,
+        keep_checkpoints=8,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_dataset_and_collate_from_s3(wider_s3: str) -> None:
+    dataset = open_wider_dataset(wider_s3 + "/")
+    assert dataset.annotation_uri.endswith("wider_face_val_bbx_gt.txt") and len(dataset.images) == 12
+    train = WiderTrainDataset(dataset, TrainAugment(size=TRAIN_SIZE), seed=1)
+    samples = [train[i] for i in range(3)]
+    pixels, targets = collate_faces(samples)
+    assert pixels.shape == (3, TRAIN_SIZE, TRAIN_SIZE, 3) and pixels.dtype == torch.uint8
+    assert targets.valid.sum() == sum(len(s[1]) for s in samples) > 0
+    boxes = targets.boxes[targets.valid]
+    assert boxes.min() >= 0 and boxes.max() <= 1 and torch.all(boxes[:, 2:] > boxes[:, :2])
+    assert not targets.has_landmarks.any() and torch.isfinite(targets.landmarks).all()
+    train.set_epoch(1)
+    again = train[0]
+    train.set_epoch(0)
+    assert torch.equal(train[0][0], samples[0][0]) and not torch.equal(again[0], samples[0][0])
+
+
+def test_schedule_warmup_step_and_cosine() -> None:
+    step = Schedule(total_steps=100, warmup_steps=10, kind="step", milestones=(0.5, 0.8), gamma=0.1)
+    assert step(0) == pytest.approx(1e-3) and step(5) == pytest.approx(0.5 + 0.5e-3) and step(10) == 1.0
+    assert step(49) == 1.0 and step(50) == pytest.approx(0.1) and step(80) == pytest.approx(0.01)
+    cosine = Schedule(total_steps=110, warmup_steps=10, kind="cosine")
+    assert cosine(10) == pytest.approx(1.0) and cosine(60) == pytest.approx(0.5) and cosine(110) == pytest.approx(0.0)
+    values = [cosine(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_training_run_on_s3_reloads_and_registers(ray_session, wider_s3: str, shared_dir: Path, make_bucket) -> None:
+    from jobs.train import run
+
+    bucket = make_bucket("runs")
+    cfg = small_config(
+        wider_s3,
+        epochs=4,
+        keep_checkpoints=4,
+        augment=False,
+        val=wider_s3,
+        val_gt=str(shared_dir / "widerface" / "ground_truth"),
+        val_scale="long:320",
+        storage=f"s3://{bucket}/runs",
+        name="finetune",
+        registry=f"s3://{bucket}/models/retinaface",
+        promote=True,
+    )
+    summary = run(cfg)
+    metrics = summary["metrics"]
+    assert metrics["epoch"] == 3 and metrics["resumed_from_epoch"] == 0
+    assert summary["checkpoint"].startswith(f"{bucket}/runs/finetune/")
+
+    history = _reported_metrics(f"s3://{bucket}/runs/finetune")
+    assert [m["epoch"] for m in history] == [0, 1, 2, 3]
+    for m in history:
+        for key in ("loss_total", "loss_cls", "loss_box", "loss_landmark", "lr", "images_per_second"):
+            assert math.isfinite(m[key]), key
+        assert m["loss_landmark"] == 0.0, "the WIDER boxes carry no landmarks"
+        assert m["images"] == 12 and m["positives_per_image"] > 1
+        assert set(m["val_ap"]) == {"easy", "medium", "hard"} and all(0 < ap <= 1 for ap in m["val_ap"].values())
+    assert history[-1]["loss_total"] < history[0]["loss_total"]
+
+    # The registered model is the final checkpoint; it loads into a Detector with its config.
+    registered = summary["registry"]
+    assert registered["version"] == "v0001" and registered["promoted"]
+    checkpoint_uri, version = resolve_model(f"s3://{bucket}/models/retinaface")
+    assert version == "v0001" and checkpoint_uri.endswith("v0001/model.pth")
+    loaded = load_weights(checkpoint_uri)
+    assert loaded.config.name == "mobilenet0.25-1mb" and loaded.sha256 == registered["sha256"]
+    image = _read(shared_dir / "widerface" / "val" / "images" / "12--Group" / "12_Group_Group_12_Group_Group_12_249.jpg")
+    tuned = Detector(loaded, scale="long:640", score_threshold=0.5).detect([image])[0]
+    original = Detector("mobilenet0.25-1mb", scale="long:640", score_threshold=0.5).detect([image])[0]
+    assert len(tuned) >= 0.5 * len(original) > 0
+    manifest = ModelRegistry(f"s3://{bucket}/models/retinaface").get("v0001")
+    assert manifest.val_ap == history[-1]["val_ap"] and manifest.train_data["train"] == wider_s3
+
+
+def _read(path: Path) -> np.ndarray:
+    import cv2
+
+    return cv2.imread(str(path))
+
+
+def _reported_metrics(run_uri: str) -> list[dict]:
+    """Metrics of every checkpoint kept under a run folder, by epoch."""
+    import json
+
+    fs, root = fsspec.core.url_to_fs(run_uri)
+    fs.invalidate_cache()
+    found = [json.loads(fs.cat_file(p)) for p in fs.glob(f"{root}/checkpoint_*/metrics.json")]
+    return sorted(found, key=lambda m: m["epoch"])
+
+
+def crash_once(marker: Path, run_dir: Path):
+    """A train loop that, on rank 1 and only while ``marker`` does not exist, kills its own worker
+    process (``os._exit``) once the run's first checkpoint is committed: mid-run, after epoch 0,
+    like a node lost while training. Ray Train records committed checkpoints in
+    ``checkpoint_manager_snapshot.json`` (a checkpoint folder alone is not yet a checkpoint of the run)."""
+    from jobs.train import train_loop_per_worker
+
+    def loop(config: dict) -> None:
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() == 1 and not marker.exists():
+
+            def kill_after_first_checkpoint() -> None:
+                while not (run_dir / "checkpoint_manager_snapshot.json").exists():
+                    time.sleep(0.05)
+                marker.write_text(str(os.getpid()))
+                os._exit(1)
+
+            threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
+        train_loop_per_worker(config)
+
+    return loop
+
+
+def test_stopped_run_resumes_from_its_checkpoint(ray_session, wider_s3: str, tmp_path: Path) -> None:
+    from jobs.train import build_trainer
+
+    epochs = 4
+    run_dir = tmp_path / "runs" / "resume"
+    cfg = small_config(wider_s3, epochs=epochs, storage=str(tmp_path / "runs"), name="resume", max_failures=0)
+    marker = tmp_path / "crashed"
+    with pytest.raises(Exception):
+        build_trainer(cfg, crash_once(marker, run_dir)).fit()
+    assert marker.exists(), "the worker was never killed"
+    reached = max(m["epoch"] for m in _reported_metrics(str(run_dir)))
+    assert reached < epochs - 1, "the first run was not stopped before its end"
+
+    result = build_trainer(cfg).fit()
+    assert result.metrics["epoch"] == epochs - 1
+    resumed_from = result.metrics["resumed_from_epoch"]
+    assert 1 <= resumed_from <= reached + 1, "the rerun started from zero instead of the checkpoint"
+    history = _reported_metrics(str(run_dir))
+    assert sorted({m["epoch"] for m in history}) == list(range(epochs))
+    assert all(m["resumed_from_epoch"] == resumed_from for m in history if m["epoch"] >= resumed_from)
+    state = torch.load(run_dir / _latest(run_dir) / "train_state.pt", weights_only=True)
+    steps_per_epoch = 12 // (2 * 2)
+    assert state["epoch"] == epochs - 1 and state["scheduler"]["last_epoch"] == epochs * steps_per_epoch
+
+
+def _latest(run_dir: Path) -> str:
+    return max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime).name
+
+
+def test_worker_killed_mid_run_recovers_with_failure_config(ray_session, wider_s3: str, tmp_path: Path) -> None:
+    from jobs.train import build_trainer
+
+    epochs = 4
+    run_dir = tmp_path / "runs" / "chaos"
+    cfg = small_config(wider_s3, epochs=epochs, storage=str(tmp_path / "runs"), name="chaos", max_failures=1)
+    marker = tmp_path / "crashed"
+    result = build_trainer(cfg, crash_once(marker, run_dir)).fit()
+    assert marker.exists(), "the worker was never killed"
+    assert result.error is None and result.metrics["epoch"] == epochs - 1
+    # The restarted worker group continued from the last committed checkpoint, not from zero.
+    assert result.metrics["resumed_from_epoch"] >= 1
+    history = _reported_metrics(str(run_dir))
+    assert sorted({m["epoch"] for m in history}) == list(range(epochs))
+
+
+def test_cli_flags_and_yaml_fill_the_config(tmp_path: Path) -> None:
+    from jobs._config import parse_config
+    from jobs.train import TrainConfig, storage_filesystem
+
+    settings = tmp_path / "run.yaml"
+    settings.write_text("epochs: 7\nschedule: cosine\nlr: 0.01\n")
+    cfg = parse_config(
+        TrainConfig,
+        ["--train", "s3://b/train", "--config", str(settings), "--lr", "0.002", "--no-augment", "--init", "scratch", "--name", "x"],
+    )
+    assert (cfg.epochs, cfg.schedule, cfg.lr, cfg.augment, cfg.init, cfg.name) == (7, "cosine", 0.002, False, "scratch", "x")
+    assert TrainConfig(train="t").name.startswith("retinaface-")
+    assert storage_filesystem(TrainConfig(train="t", storage="s3://b/runs")) == ("s3://b/runs", None)
+    path, fs = storage_filesystem(TrainConfig(train="t", storage="s3://b/runs", s3_endpoint_url="http://127.0.0.1:1"))
+    assert path == "b/runs" and fs.type_name == "s3"
+    path, fs = storage_filesystem(TrainConfig(train="t", storage="memory://runs"))
+    assert fs.type_name.startswith("py::fsspec")
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--train", "t", "--schedule", "linear"])
