@@ -22,6 +22,7 @@ import numpy as np
 
 from retinaface_core.evaluation import evaluate, format_ap_table, plot_pr_curves, write_predictions
 from retinaface_core.preprocessing import InputScale
+from retinaface_core.registry import RegistryError, resolve_model
 from retinaface_core.weights import CheckpointError, load_weights
 from retinaface_core.widerface import read_ground_truth_mat
 
@@ -36,7 +37,7 @@ class EvaluateConfig:
     images: str = field(metadata={"help": "URI of the val image folder (EVENT/NAME.jpg below it)"})
     ground_truth: str = field(metadata={"help": "URI of the folder with wider_face_val.mat and wider_{easy,medium,hard}_val.mat"})
     output: str = field(metadata={"help": "URI where predictions/ and the AP report are written"})
-    weights: str | None = field(default=None, metadata={"help": "checkpoint name, path or URI (default: $RETINAFACE_WEIGHTS or mobilenet0.25-1mb)"})
+    weights: str | None = field(default=None, metadata={"help": "checkpoint name, path or URI, a model registry URI (its current version) or REGISTRY/vNNNN (default: $RETINAFACE_WEIGHTS or mobilenet0.25-1mb)"})
     model_config: str | None = field(default=None, metadata={"help": "architecture/anchor config name for an unregistered checkpoint"})
     scale: str = field(default="original", metadata={"help": "network input size: original or long:N (the protocol's single-scale settings)"})
     score_threshold: float = field(default=0.02, metadata={"help": "keep detections above this (low: AP integrates over all thresholds)"})
@@ -60,7 +61,7 @@ class EvaluateConfig:
 class WiderPredictor:
     """Ray Data actor UDF: image URIs in, one row per image with its detections as (N, 5) x, y, w, h, score."""
 
-    def __init__(self, config: EvaluateConfig) -> None:
+    def __init__(self, config: EvaluateConfig, checkpoint: str | None) -> None:
         import torch
 
         from retinaface_core import Detector
@@ -68,7 +69,7 @@ class WiderPredictor:
         self.storage = config.storage
         device = "cuda" if config.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         self.detector = Detector(
-            config.weights, config=config.model_config, device=device, scale=config.scale,
+            checkpoint, config=config.model_config, device=device, scale=config.scale,
             score_threshold=config.score_threshold, nms_iou=config.nms_iou,
             top_k=config.top_k, keep_top_k=config.keep_top_k,
         )
@@ -109,8 +110,9 @@ def run(config: EvaluateConfig) -> dict:
 
     try:
         InputScale.parse(config.scale)
-        weights = load_weights(config.weights, config=config.model_config)
-    except (ValueError, CheckpointError) as exc:
+        checkpoint, version = resolve_model(config.weights) if config.weights else (None, None)
+        weights = load_weights(checkpoint, config=config.model_config)
+    except (ValueError, CheckpointError, RegistryError) as exc:
         raise JobError(str(exc)) from exc
     gt = read_ground_truth_mat(config.ground_truth)
     fs, root = filesystem(config.images, config.storage)
@@ -127,7 +129,8 @@ def run(config: EvaluateConfig) -> dict:
         ray.init(address=config.ray_address)
     dataset = ray.data.from_items([{"uri": uri} for uri in uris]).map_batches(
         WiderPredictor,
-        fn_constructor_args=(config,),
+        # The registry is resolved once, here; each actor resolves a name or URI itself.
+        fn_constructor_args=(config, checkpoint),
         batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_gpus=config.num_gpus_per_actor or None,
@@ -154,6 +157,7 @@ def run(config: EvaluateConfig) -> dict:
         "subset": config.subset,
         "scale": config.scale,
         "model_name": weights.name,
+        "model_version": version,
         "model_sha256": weights.sha256,
         "detect_seconds": round(seconds, 3),
     }

@@ -12,6 +12,9 @@ import s3fs
 from jobs import evaluate as evaluate_job
 from retinaface_core import Detector
 from retinaface_core.evaluation import evaluate, read_predictions
+from retinaface_core.registry import ModelRegistry
+from retinaface_core.training import model_checkpoint_bytes
+from retinaface_core.weights import load_weights
 from retinaface_core.widerface import read_ground_truth_mat
 
 GT_FILES = ("wider_face_val.mat", "wider_easy_val.mat", "wider_medium_val.mat", "wider_hard_val.mat")
@@ -78,3 +81,23 @@ def test_images_outside_the_val_set_are_refused(ray_session, wider_bucket, share
     ])
     assert code == 2
     assert "not WIDER val images" in capsys.readouterr().err
+
+
+def test_evaluate_a_registry_version_records_it(ray_session, wider_bucket, tmp_path, capsys):
+    bucket, _ = wider_bucket
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    loaded = load_weights("mobilenet0.25-1mb")
+    registry.register(
+        model_checkpoint_bytes(loaded.model), config={"model": loaded.config.to_dict()},
+        metrics={"val": {"data": "none", "ap": {"easy": 0.0, "medium": 0.0, "hard": 0.0}}}, train_data={},
+    )
+    assert registry.promote("v0001").promoted
+    out = f"s3://{bucket}/eval/registry"
+    code = evaluate_job.main([
+        "--images", f"s3://{bucket}/val/images", "--ground-truth", f"s3://{bucket}/gt", "--output", out,
+        "--weights", registry.uri, "--scale", "long:320", "--subset",
+    ])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(s3fs.S3FileSystem().cat(f"{out}/ap.json"))
+    assert report["model_version"] == "v0001"
+    assert report["model_sha256"] == registry.get("v0001").sha256
