@@ -4,8 +4,9 @@
 
 Prints images/s for: JPEG decode alone; the plain eager forward pass (network as loaded,
 NCHW float input, no optimisation); the optimised forward (BatchNorm folded, channels_last,
-inference_mode; optionally torch.compile); full ``detect`` from JPEG bytes to detections at
-square:640 with batch 1 and 8; and at original size on crowd_selfie.jpg.
+inference_mode; optionally torch.compile); full ``detect`` at square:640 with batch 1 and 8,
+from decoded uint8 arrays (what ``Detector.detect`` takes) and from JPEG bytes; and at
+original size on crowd_selfie.jpg (from JPEG bytes).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main() -> None:
     def next_bytes() -> bytes:
         return encoded[next(cursor) % len(encoded)]
 
-    print(f"decode (cv2 via decode_image)          {rate(lambda: (decode_image(next_bytes(), 'x'), 1)[1], args.seconds):7.1f} img/s")
+    print(f"JPEG decode (decode_image)             {rate(lambda: (decode_image(next_bytes(), 'x'), 1)[1], args.seconds):7.1f} img/s")
 
     loaded = load_weights()
     plain = loaded.model.eval()
@@ -71,20 +72,25 @@ def main() -> None:
 
     variants = [("optimised", False)] + ([("optimised + compile", True)] if args.compile else [])
     pixels = np.zeros((1, size, size, 3), np.uint8)
-    for label, compiled in variants:
-        detector = Detector(loaded, scale=f"square:{size}", compile=compiled)
+    detectors = {label: Detector(loaded, scale=f"square:{size}", compile=compiled) for label, compiled in variants}
+    for label, detector in detectors.items():
         print(f"forward, {label:<29} {rate(lambda: (detector.forward(pixels), 1)[1], args.seconds):7.1f} img/s")
 
-    for label, compiled in variants:
-        detector = Detector(loaded, scale=f"square:{size}", compile=compiled)
-        for batch in (1, 8):
-            def full() -> int:
-                images = [decode_image(next_bytes(), "x") for _ in range(batch)]
-                detector.detect(images)
-                return batch
-            figure = rate(full, args.seconds)
-            print(f"detect square:{size} batch {batch} ({label:<9.9}) {figure:7.1f} img/s   "
-                  f"({figure / eager_rate:.2f}x eager forward)")
+    decoded = [decode_image(data, "x") for data in encoded]
+    for label, detector in detectors.items():
+        for source in ("arrays", "JPEG"):
+            for batch in (1, 8):
+                def full() -> int:
+                    start = next(cursor)
+                    if source == "JPEG":
+                        images = [decode_image(encoded[(start + i) % len(encoded)], "x") for i in range(batch)]
+                    else:
+                        images = [decoded[(start + i) % len(decoded)] for i in range(batch)]
+                    detector.detect(images)
+                    return batch
+                figure = rate(full, args.seconds)
+                print(f"detect {source:<6} square:{size} batch {batch} {label:<19} {figure:7.1f} img/s   "
+                      f"({figure / eager_rate:.2f}x eager forward)")
 
     selfie = (SHARED / "images/crowd_selfie.jpg").read_bytes()
     original = Detector(loaded, scale="original", score_threshold=0.02)

@@ -88,7 +88,9 @@ class Detector:
             output = self.forward(group.pixels)
             priors = cached_priors(height, width, cfg.min_sizes, cfg.steps, str(self.device))
             with torch.inference_mode():
-                candidates = decode_candidates(output, priors, cfg.variances, (height, width), group.scales, self.top_k)
+                candidates = decode_candidates(
+                    output, priors, cfg.variances, (height, width), group.scales, self.top_k, self.score_threshold
+                )
             for row, index in enumerate(group.indices):
                 clip_to = tuple(group.original_sizes[row]) if self.clip else None
                 results[index] = select(candidates, row, self.score_threshold, self.nms_iou, self.keep_top_k, clip_to)

@@ -59,17 +59,23 @@ def decode_candidates(
     input_size: tuple[int, int],
     scales: np.ndarray,
     top_k: int,
+    score_threshold: float,
 ) -> Candidates:
-    """Keep the ``top_k`` highest-scoring anchors per image and decode only those.
+    """Keep the ``top_k`` highest-scoring anchors above ``score_threshold`` per image; decode only those.
 
     Args:
         output: raw outputs for n images of one padded input size.
         priors: (A, 4) anchors for that input size.
         input_size: (height, width) of the padded network input in pixels.
         scales: (n, 2) (sx, sy) resize factors from original image to network input.
+
+    Rows hold k = min(top_k, most anchors above the threshold in any image) candidates; an
+    image with fewer has its tail below the threshold, which :func:`select` drops.
     """
     probs = torch.softmax(output.logits.float(), dim=-1)[..., 1]
-    k = min(top_k, probs.shape[1])
+    # Sorting only as many anchors as pass the threshold keeps top-k cheap: at a display
+    # threshold a few dozen of the 16,800 anchors of a 640x640 input pass.
+    k = min(top_k, int((probs > score_threshold).sum(dim=1).max()))
     scores, index = probs.topk(k, dim=1)
     gather4 = index.unsqueeze(-1).expand(-1, -1, 4)
     box_offsets = output.boxes.float().gather(1, gather4)

@@ -110,7 +110,6 @@ def group_batch(
     groups = []
     for (height, width), indices in by_shape.items():
         pixels = np.empty((len(indices), height, width, 3), dtype=np.uint8)
-        pixels[:] = fill
         scales = np.empty((len(indices), 2), dtype=np.float64)
         sizes = np.empty((len(indices), 2), dtype=np.int64)
         for slot, i in enumerate(indices):
@@ -120,6 +119,8 @@ def group_batch(
             if (rh, rw) != (h, w):
                 image = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_LINEAR)
             pixels[slot, :rh, :rw] = image
+            pixels[slot, rh:] = fill
+            pixels[slot, :rh, rw:] = fill
             scales[slot] = (rw / w, rh / h)
             sizes[slot] = (h, w)
         groups.append(InputGroup(pixels, indices, scales, sizes))
