@@ -106,12 +106,13 @@ def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
 
 
 def read_bytes(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> bytes:
-    """All bytes of one object; missing and forbidden objects raise :class:`ImageDecodeError`."""
+    """All bytes of the object at ``uri``, through ``fs`` when given (a filesystem that can open
+    it, e.g. with S3 settings); missing and forbidden objects raise :class:`ImageDecodeError`."""
     try:
         if fs is None:
             with fsspec.open(uri, "rb") as f:
                 return f.read()
-        return fs.cat_file(uri)
+        return fs.cat_file(fs._strip_protocol(uri))
     except FileNotFoundError as exc:
         raise ImageDecodeError(f"{uri}: no such object", "not_found") from exc
     except PermissionError as exc:

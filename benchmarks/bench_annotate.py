@@ -1,0 +1,242 @@
+"""Throughput and memory of the annotation job against a bare single-process loop.
+
+Builds ``--images`` (default 1,000) JPEGs in a bucket of a local moto S3 server (in its own
+process): random crops and rescales (long side 256..1024 px) of the ``../shared`` photos and
+scikit-image's photos. Then, in one run, on the same images and settings:
+
+(a) a bare loop in this process: list -> read -> decode -> detect -> quality -> one Parquet file,
+    run before and after (b), its figure the mean of the two;
+(b) the job (``jobs.annotate.run``) on a local Ray: one actor, decode in the actor.
+
+Both include model loading and write the same rows; the job's time excludes starting Ray.
+Prints images/s of both and their ratio. Then runs the job on ``--mem-small`` and
+``--mem-small`` x 10 images, each on a fresh local Ray, sampling the summed RSS of all Ray
+processes (every process this one started: GCS, raylet, workers, actors) every 0.2 s, and
+prints both peaks and the growth.
+
+    python -m benchmarks.bench_annotate --images 1000 --mem-small 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+SCALE = "long:640"
+BATCH_SIZE = 8
+
+
+def make_images(count: int, shared: Path | None, seed: int = 0) -> list[bytes]:
+    from skimage import data
+
+    from jobs._samples import encode, random_variant
+    from retinaface_core.image_io import read_image
+
+    bases = [data.astronaut(), data.chelsea(), data.coffee(), np.stack([data.camera()] * 3, axis=-1)]
+    if shared is not None:
+        for path in sorted((shared / "images").glob("*.jpg")) + sorted((shared / "widerface/val/images").glob("*/*.jpg")):
+            bases.append(np.ascontiguousarray(read_image(str(path))[:, :, ::-1]))
+    rng = np.random.default_rng(seed)
+    return [encode(random_variant(bases[i % len(bases)], rng), "JPEG", quality=90) for i in range(count)]
+
+
+def upload(prefix: str, images: list[bytes]) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    for i, data in enumerate(images):
+        fs.pipe_file(f"{prefix}/{i:06d}.jpg", data)
+    fs.invalidate_cache()
+
+
+def bare_loop(prefix: str, output: Path, torch_threads: int) -> tuple[float, int, int]:
+    """(seconds, images, faces) of the single-process baseline."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from retinaface_core import Detector
+    from retinaface_core.image_io import decode_image
+    from retinaface_core.quality import face_quality
+
+    torch.set_num_threads(torch_threads)
+    start = time.perf_counter()
+    detector = Detector(scale=SCALE)
+    fs = fsspec.filesystem("s3")
+    uris = sorted(fs.find(prefix))
+    rows = []
+    for uri in uris:
+        image = decode_image(fs.cat_file(uri), uri)
+        det = detector.detect(image)[0]
+        q = face_quality(image, det.boxes, det.scores, det.landmarks)
+        rows.append({"uri": uri, "num_faces": len(det), "boxes": det.boxes.ravel().tolist(), "quality": q.quality.tolist()})
+    pq.write_table(pa.Table.from_pylist(rows), output)
+    return time.perf_counter() - start, len(uris), sum(r["num_faces"] for r in rows)
+
+
+def start_s3_process() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server in its own process, so that it takes no CPU time from the bare loop's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.2)
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_REGION="us-east-1",
+    )
+    return server, endpoint
+
+
+class RaySampler:
+    """Peak of the summed RSS of this process's descendants but ``exclude`` (the Ray processes)."""
+
+    def __init__(self, exclude: set[int], interval: float = 0.2) -> None:
+        import psutil
+
+        self.process = psutil.Process()
+        self.exclude = exclude
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            for child in self.process.children(recursive=True):
+                if child.pid in self.exclude:
+                    continue
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "RaySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_job(prefix: str, output: Path, **overrides) -> dict:
+    from jobs.annotate import AnnotateConfig, run
+
+    config = AnnotateConfig(
+        input=f"s3://{prefix}/",
+        output=str(output),
+        scale=SCALE,
+        batch_size=BATCH_SIZE,
+        images_per_shard=50,
+        actors=1,
+        decode="actor",
+        decode_threads=2,
+        overwrite=True,
+        **overrides,
+    )
+    return run(config)
+
+
+def start_ray() -> None:
+    import ray
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--mem-small", type=int, default=200, help="images of the small memory run; the large one has 10x")
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the loop and of the job's actor")
+    parser.add_argument("--shared", type=Path, default=Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared")))
+    args = parser.parse_args()
+    shared = args.shared if args.shared.is_dir() else None
+    if shared is not None:
+        os.environ.setdefault("RETINAFACE_WEIGHTS_DIR", str(shared / "weights"))
+
+    import fsspec
+    import ray
+
+    moto, endpoint = start_s3_process()
+    work = Path(tempfile.mkdtemp(prefix="bench_annotate_"))
+    try:
+        large = 10 * args.mem_small
+        started = time.perf_counter()
+        images = make_images(max(args.images, large), shared)
+        fsspec.filesystem("s3").mkdir("bench")
+        upload("bench/throughput", images[: args.images])
+        upload("bench/mem_small", images[: args.mem_small])
+        upload("bench/mem_large", images[:large])
+        print(f"bench: {len(images)} images made and uploaded to {endpoint} in {time.perf_counter() - started:.0f} s", flush=True)
+
+        # The loop runs before and after the job: on a shared machine the two loop figures show
+        # how much the load changed while the job ran.
+        loop_before, loop_n, loop_faces = bare_loop("bench/throughput", work / "loop.parquet", args.torch_threads)
+        start_ray()
+        job_start = time.perf_counter()
+        summary = run_job("bench/throughput", work / "job", torch_threads=args.torch_threads)
+        job_s = time.perf_counter() - job_start
+        ray.shutdown()
+        loop_after, _, _ = bare_loop("bench/throughput", work / "loop.parquet", args.torch_threads)
+        loop_s = (loop_before + loop_after) / 2
+        assert summary["images"] == loop_n and summary["faces"] == loop_faces, (summary, loop_n, loop_faces)
+
+        peaks = {}
+        for name, count in (("mem_small", args.mem_small), ("mem_large", large)):
+            start_ray()
+            with RaySampler(exclude={moto.pid}) as sampler:
+                run_job(f"bench/{name}", work / name, torch_threads=args.torch_threads)
+                peaks[count] = sampler.peak
+            ray.shutdown()
+
+        print("\n=== bench_annotate results ===")
+        print(f"cpus: {os.cpu_count()}, torch threads {args.torch_threads}, scale {SCALE}, batch {BATCH_SIZE}, images {loop_n}, faces {loop_faces}")
+        print(f"bare loop : {loop_n / loop_s:7.2f} images/s (before the job {loop_before:.1f} s, after it {loop_after:.1f} s)")
+        print(f"job       : {loop_n / job_s:7.2f} images/s ({job_s:.1f} s; the job's own summary: {summary['images_per_second']:.2f})")
+        print(f"ratio     : {loop_s / job_s:.2f}x")
+        small, big = peaks[args.mem_small], peaks[large]
+        print(f"peak RSS of Ray processes: {args.mem_small} images {small / 2**20:.0f} MiB, {large} images {big / 2**20:.0f} MiB, growth {100 * (big / small - 1):+.1f} %")
+    finally:
+        moto.terminate()
+        moto.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

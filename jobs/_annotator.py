@@ -1,0 +1,270 @@
+"""What runs on the Ray workers of the annotation job: read and decode, detect, score, commit a shard.
+
+A shard is the unit of work and of commit: :class:`ShardAnnotator` turns one shard's URIs into
+one Parquet object (one row per image, faces nested, schema ``schemas.annotation``) and writes
+it with a single atomic put. Any attempt at a shard, first or retried, writes the same object
+name, so retries overwrite rather than duplicate.
+
+Two ways to feed it (``--decode``):
+
+- ``actor``: the annotator reads and decodes the shard's images itself on a thread pool, a
+  window of images ahead of the detector, so decoding overlaps the forward pass and decoded
+  pixels never cross the object store (best on a few CPUs).
+- ``tasks``: :func:`decode_shards` runs as separate Ray tasks with a fraction of a CPU each and
+  hands the annotator uint8 pixels through the object store (best when the detector has a GPU
+  and many CPUs can decode for it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from retinaface_core import Detector
+from retinaface_core.image_io import ImageDecodeError, decode_image, read_bytes
+from retinaface_core.quality import FaceQuality, face_quality
+from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, LANDMARK_NAMES, QUALITY_COLUMNS
+
+from ._storage import OutputStore, StorageOptions, filesystem, parquet_bytes
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker needs, fixed for the whole run (sent once to each actor)."""
+
+    output: str
+    storage: StorageOptions
+    run_id: str
+    weights: str | None
+    model_sha256: str
+    scale: str
+    score_threshold: float
+    nms_iou: float
+    top_k: int
+    keep_top_k: int
+    batch_size: int
+    max_pixels: int
+    decode_threads: int
+    torch_threads: int | None
+
+
+@dataclass
+class DecodedImage:
+    """One input image after reading and decoding: pixels (H, W, 3) uint8 BGR, or the error."""
+
+    uri: str
+    image: np.ndarray | None
+    error_kind: str | None
+    error: str | None
+    read_ms: float
+    decode_ms: float
+
+
+def decode_one(uri: str, storage: StorageOptions, max_pixels: int) -> DecodedImage:
+    """Read and decode one object; every per-image failure becomes an error, never an exception."""
+    start = time.perf_counter()
+    read_done = None
+    try:
+        fs, _ = filesystem(uri, storage)
+        data = read_bytes(uri, fs)
+        read_done = time.perf_counter()
+        image = decode_image(data, uri, max_pixels)
+        error_kind = error = None
+    except ImageDecodeError as exc:
+        image, error_kind, error = None, exc.kind, str(exc)
+    except Exception as exc:  # an unexpected failure of one object must not fail the shard
+        image, error_kind, error = None, "unreadable", f"{uri}: {type(exc).__name__}: {exc}"
+    end = time.perf_counter()
+    read_done = read_done or end
+    return DecodedImage(uri, image, error_kind, error, (read_done - start) * 1e3, (end - read_done) * 1e3)
+
+
+def decode_shards(batch: dict[str, np.ndarray], storage: StorageOptions, max_pixels: int) -> dict[str, np.ndarray]:
+    """Ray Data UDF of ``--decode tasks``: shard rows -> the same rows plus their decoded images.
+
+    ``payload`` holds the pickled list of :class:`DecodedImage` (uint8 pixels, never float).
+    """
+    payloads = [
+        pickle.dumps([decode_one(str(u), storage, max_pixels) for u in uris], protocol=5) for uris in batch["uris"]
+    ]
+    return {"shard": batch["shard"], "uris": batch["uris"], "payload": np.array(payloads, dtype=object)}
+
+
+class ShardAnnotator:
+    """Ray Data actor UDF: shard rows in, one summary row per committed shard out.
+
+    The model is loaded once per actor. ``device`` is CUDA when the actor was given a GPU and
+    CPU otherwise.
+    """
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.detector = Detector(
+            settings.weights,
+            device=device,
+            scale=settings.scale,
+            score_threshold=settings.score_threshold,
+            nms_iou=settings.nms_iou,
+            top_k=settings.top_k,
+            keep_top_k=settings.keep_top_k,
+        )
+        if self.detector.weights.sha256 != settings.model_sha256:
+            # The driver checked one file; a worker resolving the same name to another file
+            # would silently mix two models in one dataset.
+            raise RuntimeError(
+                f"worker loaded checkpoint {self.detector.weights.uri} with sha256 {self.detector.weights.sha256}, "
+                f"the driver {settings.model_sha256}"
+            )
+        self.store = OutputStore(settings.output, settings.storage)
+        self.pool = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="decode")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        summaries = []
+        payloads = batch.get("payload")
+        for i, (shard_id, uris) in enumerate(zip(batch["shard"], batch["uris"])):
+            uris = [str(u) for u in uris]
+            decoded = pickle.loads(payloads[i]) if payloads is not None else self._decode_ahead(uris)
+            summaries.append(self._annotate_shard(str(shard_id), decoded))
+        return {key: np.array([s[key] for s in summaries]) for key in summaries[0]}
+
+    def _decode_ahead(self, uris: list[str]) -> Iterator[DecodedImage]:
+        """Decoded images in input order, the pool working a bounded window ahead of the consumer."""
+        window = max(2 * self.settings.batch_size, 2 * self.settings.decode_threads)
+        futures: deque = deque()
+        pending = iter(uris)
+        for uri in pending:
+            futures.append(self.pool.submit(decode_one, uri, self.settings.storage, self.settings.max_pixels))
+            if len(futures) >= window:
+                break
+        while futures:
+            yield futures.popleft().result()
+            for uri in pending:
+                futures.append(self.pool.submit(decode_one, uri, self.settings.storage, self.settings.max_pixels))
+                break
+
+    def _annotate_shard(self, shard_id: str, decoded: Iterable[DecodedImage]) -> dict:
+        start = time.perf_counter()
+        images: list[DecodedImage] = []
+        sizes: list[tuple[int, int] | None] = []
+        faces: list[dict[str, np.ndarray] | None] = []
+        detect_ms: list[float] = []
+        quality_ms: list[float] = []
+        batch: list[int] = []
+        for item in decoded:
+            index = len(images)
+            images.append(item)
+            sizes.append(None if item.image is None else item.image.shape[:2])
+            faces.append(None)
+            detect_ms.append(0.0)
+            quality_ms.append(0.0)
+            if item.image is not None:
+                batch.append(index)
+            if len(batch) == self.settings.batch_size:
+                self._detect(batch, images, faces, detect_ms, quality_ms)
+                batch = []
+        if batch:
+            self._detect(batch, images, faces, detect_ms, quality_ms)
+        table = self._table(images, sizes, faces, detect_ms, quality_ms)
+        self.store.commit_shard(shard_id, parquet_bytes(table, compression="zstd"))
+        errors = Counter(item.error_kind for item in images if item.error_kind)
+        return {
+            "shard": shard_id,
+            "images": len(images),
+            "faces": int(sum(len(f["score"]) for f in faces if f is not None)),
+            "errors": sum(errors.values()),
+            "errors_by_kind": json.dumps(dict(errors)),
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _detect(
+        self,
+        batch: list[int],
+        images: list[DecodedImage],
+        faces: list,
+        detect_ms: list[float],
+        quality_ms: list[float],
+    ) -> None:
+        """Detect on a batch of decoded images, score their faces, then release their pixels."""
+        start = time.perf_counter()
+        detections = self.detector.detect([images[i].image for i in batch])
+        share = (time.perf_counter() - start) * 1e3 / len(batch)
+        for i, det in zip(batch, detections):
+            q_start = time.perf_counter()
+            quality = face_quality(images[i].image, det.boxes, det.scores, det.landmarks)
+            faces[i] = _face_columns(det.boxes, det.scores, det.landmarks, quality)
+            quality_ms[i] = (time.perf_counter() - q_start) * 1e3
+            detect_ms[i] = share
+            images[i].image = None
+
+    def _table(
+        self,
+        images: list[DecodedImage],
+        sizes: list[tuple[int, int] | None],
+        faces: list[dict[str, np.ndarray] | None],
+        detect_ms: list[float],
+        quality_ms: list[float],
+    ) -> pa.Table:
+        s = self.settings
+        n = len(images)
+        counts = np.array([0 if f is None else len(f["score"]) for f in faces], dtype=np.int32)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        present = [f for f in faces if f is not None]
+        face_arrays = [
+            pa.array(
+                np.concatenate([f[field.name] for f in present]) if present else np.zeros(0),
+                type=field.type,
+            )
+            for field in FACE_STRUCT
+        ]
+        face_list = pa.ListArray.from_arrays(
+            pa.array(offsets), pa.StructArray.from_arrays(face_arrays, fields=list(FACE_STRUCT))
+        )
+        columns = {
+            "uri": [i.uri for i in images],
+            "status": ["ok" if i.error_kind is None else "error" for i in images],
+            "error_kind": [i.error_kind for i in images],
+            "error": [i.error for i in images],
+            "width": [None if hw is None else hw[1] for hw in sizes],
+            "height": [None if hw is None else hw[0] for hw in sizes],
+            "num_faces": counts,
+            "model_name": [self.detector.weights.name] * n,
+            "model_sha256": [s.model_sha256] * n,
+            "input_scale": [s.scale] * n,
+            "run_id": [s.run_id] * n,
+            "read_ms": [i.read_ms for i in images],
+            "decode_ms": [i.decode_ms for i in images],
+            "detect_ms": detect_ms,
+            "quality_ms": quality_ms,
+        }
+        arrays = [pa.array(columns[f.name], type=f.type) for f in ANNOTATION_SCHEMA if f.name != "faces"]
+        return pa.Table.from_arrays([*arrays, face_list.cast(ANNOTATION_SCHEMA.field("faces").type)], schema=ANNOTATION_SCHEMA)
+
+
+def _face_columns(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray, quality: FaceQuality) -> dict[str, np.ndarray]:
+    """The faces of one image as the flat columns of ``FACE_STRUCT``."""
+    columns = {
+        "face_index": np.arange(len(scores), dtype=np.int32),
+        "x1": boxes[:, 0],
+        "y1": boxes[:, 1],
+        "x2": boxes[:, 2],
+        "y2": boxes[:, 3],
+        "score": scores,
+    }
+    for k, name in enumerate(LANDMARK_NAMES):
+        columns[f"{name}_x"] = landmarks[:, k, 0]
+        columns[f"{name}_y"] = landmarks[:, k, 1]
+    for name in QUALITY_COLUMNS:
+        columns[name] = getattr(quality, name)
+    return columns

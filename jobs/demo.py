@@ -1,0 +1,116 @@
+"""``make demo``: the annotation job end to end on this machine, with no cluster, cloud or download.
+
+1. starts an S3 server in this process (moto, on 127.0.0.1) and fills a bucket with photos that
+   ship inside scikit-image, variants of them (crops, rescales, an EXIF-rotated copy, grey,
+   16-bit and alpha versions), broken files (zero bytes, a truncated JPEG, text named .jpg,
+   random bytes, a 110-megapixel PNG bomb) and, where ``../shared`` exists, its real photos;
+2. runs ``jobs.annotate`` on a local Ray over that bucket, writing Parquet to ``demo_output/``;
+3. prints a duckdb summary of the result.
+
+The checkpoint is found as usual (``$RETINAFACE_WEIGHTS_DIR``, the cache, or its upstream URL);
+``../shared/weights`` is used when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "demo-images"
+
+
+def start_s3() -> tuple[object, str]:
+    """An in-process S3 server; exports the endpoint and test credentials for every client."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="demo",
+        AWS_SECRET_ACCESS_KEY="demo",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_REGION="us-east-1",
+    )
+    return server, endpoint
+
+
+def fill_bucket(shared: Path | None) -> int:
+    import fsspec
+
+    from ._samples import broken_files, generated_images, oversized_png, shared_photos
+
+    files = generated_images()
+    files.update(broken_files(files["photos/astronaut.jpg"]))
+    files["broken/pixel_bomb.png"] = oversized_png(11_000, 10_000)
+    if shared is not None:
+        files.update(shared_photos(shared))
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(BUCKET)
+    for name, data in files.items():
+        fs.pipe_file(f"{BUCKET}/{name}", data)
+    return len(files)
+
+
+def print_summary(output: Path) -> None:
+    import duckdb
+
+    con = duckdb.connect()
+    files = f"{output}/annotations/*/*.parquet"
+    con.execute(f"CREATE VIEW images AS SELECT * FROM read_parquet('{files}', hive_partitioning = true)")
+    con.execute("CREATE VIEW faces AS SELECT uri, unnest(faces, recursive := true) FROM images")
+    queries = {
+        "images by status": "SELECT status, count(*) AS images, sum(num_faces) AS faces FROM images GROUP BY status ORDER BY status",
+        "errors and their reasons": "SELECT regexp_extract(uri, '[^/]+$') AS object, error_kind, error FROM images WHERE status = 'error' ORDER BY uri",
+        "images with the most faces": "SELECT regexp_extract(uri, '[^/]+$') AS object, width, height, num_faces FROM images ORDER BY num_faces DESC LIMIT 8",
+        "face sizes (short side, px)": "SELECT CAST(pow(2, floor(log2(face_size))) AS INTEGER) AS min_px, count(*) AS faces, round(avg(quality), 3) AS mean_quality FROM faces GROUP BY min_px ORDER BY min_px",
+        "faces with score > 0.9 and quality > 0.5": "SELECT count(*) AS faces, count(DISTINCT uri) AS images FROM faces WHERE score > 0.9 AND quality > 0.5",
+    }
+    for title, sql in queries.items():
+        print(f"\n-- {title}")
+        con.sql(sql).show(max_width=160)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "demo_output", help="where the Parquet dataset goes")
+    parser.add_argument("--shared", type=Path, default=Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared")))
+    args = parser.parse_args()
+    shared = args.shared if args.shared.is_dir() else None
+    if shared is not None and (shared / "weights").is_dir():
+        os.environ.setdefault("RETINAFACE_WEIGHTS_DIR", str(shared / "weights"))
+
+    server, endpoint = start_s3()
+    try:
+        count = fill_bucket(shared)
+        print(f"demo: S3 server at {endpoint}, bucket s3://{BUCKET}/ with {count} objects", flush=True)
+        import ray
+
+        from .annotate import AnnotateConfig, run
+
+        # Started after the S3 variables are exported: workers inherit this environment.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        run(
+            AnnotateConfig(
+                input=f"s3://{BUCKET}/",
+                output=str(args.output),
+                images_per_shard=8,
+                scale="long:640",
+                batch_size=4,
+                overwrite=True,
+            )
+        )
+        ray.shutdown()
+        print_summary(args.output)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

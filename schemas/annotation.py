@@ -1,0 +1,57 @@
+"""Arrow schema of the annotation job's output: one row per input image, its faces nested.
+
+One nested table rather than an images table and a faces table, so that a shard's whole result
+is a single Parquet object: writing it is the shard's atomic commit (see ``docs/annotate.md``).
+The ``shard`` column is not stored in the files; it comes from the hive partition directory
+(``annotations/shard=<id>/part-0.parquet``), which is what lets readers prune by shard.
+
+Conventions: coordinates are float32 pixels of the image as displayed (EXIF orientation
+applied), x to the right, y down; landmarks are left eye, right eye, nose, left mouth corner,
+right mouth corner, left/right as seen in the image. Angles are degrees, times milliseconds.
+
+Bump ``SCHEMA_VERSION`` on any change; the job refuses to resume into an output written with
+another version.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"retinaface.annotation.schema_version"
+
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+
+QUALITY_COLUMNS = ("face_size", "sharpness", "yaw", "pitch", "roll", "brightness", "contrast", "quality")
+
+FACE_STRUCT = pa.struct(
+    [pa.field("face_index", pa.int32(), nullable=False)]
+    + [pa.field(c, pa.float32(), nullable=False) for c in ("x1", "y1", "x2", "y2", "score")]
+    + [pa.field(f"{name}_{axis}", pa.float32(), nullable=False) for name in LANDMARK_NAMES for axis in "xy"]
+    + [pa.field(c, pa.float32(), nullable=False) for c in QUALITY_COLUMNS]
+)
+
+ANNOTATION_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # "ok" or "error"
+        pa.field("error_kind", pa.string()),  # ImageDecodeError.kind, null when ok
+        pa.field("error", pa.string()),  # message naming the object and the reason
+        pa.field("width", pa.int32()),  # displayed size; null when not decodable
+        pa.field("height", pa.int32()),
+        pa.field("num_faces", pa.int32(), nullable=False),
+        pa.field("model_name", pa.string(), nullable=False),
+        pa.field("model_sha256", pa.string(), nullable=False),
+        pa.field("input_scale", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("read_ms", pa.float32(), nullable=False),
+        pa.field("decode_ms", pa.float32(), nullable=False),
+        pa.field("detect_ms", pa.float32(), nullable=False),  # the image's share of its batch
+        pa.field("quality_ms", pa.float32(), nullable=False),
+        pa.field("faces", pa.list_(pa.field("item", FACE_STRUCT, nullable=False)), nullable=False),
+    ],
+    metadata={METADATA_KEY: str(SCHEMA_VERSION).encode()},
+)
+
+# What a reader sees: the stored columns plus the hive partition column.
+PARTITION_SCHEMA = pa.schema([pa.field("shard", pa.string())])

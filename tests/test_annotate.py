@@ -1,0 +1,411 @@
+"""The annotation job end to end: a moto S3 server, real Ray, real Parquet, real photos.
+
+What "permission denied" is tested with: moto does not enforce bucket policies without
+turning on its IAM emulation for the whole server, so an unreadable object is represented by
+a manifest entry whose object does not exist (``not_found``); the mapping of S3's AccessDenied
+(a ``PermissionError`` from s3fs) to ``permission_denied`` is tested in ``test_image_io.py``.
+
+The multi-node test runs ``tests/_cluster_job.py`` in a subprocess, because a
+``ray.cluster_utils.Cluster`` cannot share a process with the session's ``ray.init``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from jobs._samples import broken_files, generated_images, oversized_png, shared_photos
+from jobs._storage import JobError, list_input, make_shards
+from jobs.annotate import AnnotateConfig, run
+from retinaface_core import Detector
+from retinaface_core.image_io import read_image
+from schemas.annotation import ANNOTATION_SCHEMA, SCHEMA_VERSION
+
+SCALE = "long:640"
+MAX_PIXELS = 3_000_000  # every real photo is below 1.5 MP; the bomb is 3.2 MP
+IMAGES_PER_SHARD = 5
+
+
+def upload(bucket: str, files: dict[str, bytes], prefix: str = "") -> list[str]:
+    fs = fsspec.filesystem("s3")
+    for name, data in files.items():
+        fs.pipe_file(f"{bucket}/{prefix}{name}", data)
+    fs.invalidate_cache()
+    return [f"s3://{bucket}/{prefix}{name}" for name in files]
+
+
+def read_output(output: str) -> pd.DataFrame:
+    """The committed rows of a job's output, as pandas (shard from the hive path)."""
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.invalidate_cache()
+    dataset = pads.dataset(f"{path}/annotations", filesystem=fs, format="parquet", partitioning="hive")
+    return dataset.to_table().to_pandas()
+
+
+@pytest.fixture(scope="module")
+def bucket_input(shared_dir, make_bucket):
+    """A bucket of real photos, generated variants and every kind of bad input, plus a manifest.
+
+    Returns (bucket, manifest URI, {uri: expected error kind or None}).
+    """
+    bucket = make_bucket("annotate")
+    real = shared_photos(shared_dir)
+    assert len(real) == 14, f"expected the 14 shared photos, found {sorted(real)}"
+    generated = generated_images()
+    broken = broken_files(real["shared/images/crowd_baseball.jpg"])
+    broken["broken/pixel_bomb.png"] = oversized_png(2000, 1600)
+    uris = upload(bucket, {**real, **generated, **broken}, prefix="in/")
+    expected = {u: None for u in uris}
+    kinds = {"empty.jpg": "empty", "truncated.jpg": "truncated", "not_an_image.jpg": "not_image", "pixel_bomb.png": "too_large"}
+    for u in uris:
+        name = u.rsplit("/", 1)[1]
+        if name in kinds:
+            expected[u] = kinds[name]
+        elif name == "random_bytes.png":
+            expected[u] = "not_image"
+    missing = f"s3://{bucket}/in/broken/missing_object.jpg"
+    expected[missing] = "not_found"
+    manifest = f"s3://{bucket}/manifest.txt"
+    fsspec.filesystem("s3").pipe_file(manifest[5:], ("# every object, and one that is absent\n" + "\n".join(expected) + "\n").encode())
+    return bucket, manifest, expected
+
+
+def job_config(input: str, output: str, **overrides) -> AnnotateConfig:
+    settings = dict(
+        input=input,
+        output=output,
+        images_per_shard=IMAGES_PER_SHARD,
+        scale=SCALE,
+        max_pixels=MAX_PIXELS,
+        actors=2,
+        batch_size=4,
+        torch_threads=1,
+    )
+    return AnnotateConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def annotated(ray_session, bucket_input):
+    bucket, manifest, expected = bucket_input
+    output = f"s3://{bucket}/out"
+    summary = run(job_config(manifest, output))
+    return output, summary, read_output(output), expected
+
+
+def faces_of(row) -> pd.DataFrame:
+    return pd.DataFrame(list(row["faces"]))
+
+
+def test_prefix_listing_is_recursive_sorted_and_case_insensitive(s3_server, make_bucket):
+    bucket = make_bucket("listing")
+    names = ["b/z.JPG", "a/x.jpeg", "a/deep/y.PNG", "c.webp", "d.bmp", "notes.txt", "a/skip.gif", "e.Jpg"]
+    upload(bucket, {n: b"x" for n in names})
+    listed = list_input(f"s3://{bucket}/")
+    wanted = sorted(f"s3://{bucket}/{n}" for n in names if not n.endswith((".txt", ".gif")))
+    assert listed == wanted
+    shards = make_shards(listed, 2)
+    assert [s.id for s in shards] == [s.id for s in make_shards(list_input(f"s3://{bucket}"), 2)]
+    assert len({s.id for s in shards}) == 3 and [len(s.uris) for s in shards] == [2, 2, 2]
+    with fsspec.open(f"s3://{bucket}/manifests/m.parquet", "wb") as f:
+        pq.write_table(pa.table({"uri": wanted[::-1]}), f)
+    assert list_input(f"s3://{bucket}/manifests/m.parquet") == wanted
+    with pytest.raises(JobError, match="no images found"):
+        list_input(f"s3://{bucket}/a/skip.gif/")
+
+
+def test_end_to_end_one_row_per_object_with_reasons(annotated):
+    output, summary, rows, expected = annotated
+    assert sorted(rows["uri"]) == sorted(expected), "exactly one row per object"
+    got = {u: kind if status == "error" else None for u, kind, status in zip(rows["uri"], rows["error_kind"], rows["status"])}
+    assert got == expected
+    for _, row in rows[rows["status"] == "error"].iterrows():
+        assert row["uri"] in row["error"] and row["num_faces"] == 0 and len(row["faces"]) == 0
+    errors = sum(kind is not None for kind in expected.values())
+    assert summary["images"] == len(expected) and summary["errors"] == errors
+    assert summary["faces"] == rows["num_faces"].sum()
+    assert summary["shards_total"] == summary["shards_processed"] == -(-len(expected) // IMAGES_PER_SHARD)
+    assert set(rows["run_id"]) == {summary["run_id"]}
+    assert (rows["model_name"] == "mobilenet0.25-1mb").all()
+    assert rows["shard"].nunique() == summary["shards_total"]
+    fs, path = fsspec.core.url_to_fs(output)
+    assert json.loads(fs.cat_file(f"{path}/_runs/{summary['run_id']}/summary.json")) == summary
+    assert json.loads(fs.cat_file(f"{path}/_dataset.json"))["schema_version"] == SCHEMA_VERSION
+    stored = pads.dataset(f"{path}/annotations", filesystem=fs, format="parquet").schema
+    assert stored.remove_metadata().equals(ANNOTATION_SCHEMA.remove_metadata())
+
+
+def test_end_to_end_faces_equal_the_detector(annotated, shared_dir):
+    _, _, rows, _ = annotated
+    detector = Detector(scale=SCALE, score_threshold=0.5)
+    real = rows[rows["uri"].str.contains("/in/shared/")]
+    assert len(real) == 14
+    total = 0
+    for _, row in real.iterrows():
+        local = shared_dir / row["uri"].split("/in/shared/", 1)[1]
+        image = read_image(str(local))
+        assert (row["height"], row["width"]) == image.shape[:2]
+        want = detector.detect(image)[0]
+        got = faces_of(row)
+        assert len(got) == len(want) == row["num_faces"], row["uri"]
+        total += len(want)
+        if len(want):
+            np.testing.assert_allclose(got[["x1", "y1", "x2", "y2"]].to_numpy(), want.boxes, atol=1e-3)
+            np.testing.assert_allclose(got["score"].to_numpy(), want.scores, atol=1e-5)
+            np.testing.assert_allclose(got[["left_eye_x", "left_eye_y"]].to_numpy(), want.landmarks[:, 0], atol=1e-3)
+            assert (got["face_index"].to_numpy() == np.arange(len(want))).all()
+            assert got["quality"].between(0, 1).all()
+    assert total > 200
+
+
+def test_exif_rotation_and_modes_in_the_job(annotated):
+    _, _, rows, _ = annotated
+    by_name = {u.rsplit("/", 1)[1]: r for u, r in zip(rows["uri"], rows.to_dict("records"))}
+    upright, rotated = by_name["astronaut_portrait.jpg"], by_name["astronaut_exif6.jpg"]
+    assert (rotated["width"], rotated["height"]) == (400, 512)
+    assert upright["num_faces"] == rotated["num_faces"] == 1
+    np.testing.assert_allclose(
+        faces_of(rotated)[["x1", "y1", "x2", "y2"]].to_numpy(), faces_of(upright)[["x1", "y1", "x2", "y2"]].to_numpy(), atol=3
+    )
+    for name in ("astronaut.jpg", "astronaut_grey.JPG", "astronaut_alpha.png", "astronaut_16bit.png", "astronaut_x2.bmp"):
+        assert by_name[name]["status"] == "ok" and by_name[name]["num_faces"] >= 1, name
+
+
+def test_rerun_does_nothing_and_changes_nothing(annotated):
+    output, first, rows, _ = annotated
+    again = run(job_config(_manifest_of(output), output))
+    assert again["shards_skipped_already_committed"] == first["shards_total"]
+    assert again["shards_processed"] == 0 and again["images"] == 0
+    after = read_output(output)
+    assert sorted(after["uri"]) == sorted(rows["uri"]) and set(after["run_id"]) == {first["run_id"]}
+
+
+def _manifest_of(output: str) -> str:
+    return output.rsplit("/", 1)[0] + "/manifest.txt"
+
+
+def test_job_errors_fail_fast(annotated, tmp_path):
+    output, _, _, _ = annotated
+    manifest = _manifest_of(output)
+    with pytest.raises(JobError, match="model not available"):
+        run(job_config(manifest, str(tmp_path / "a"), weights=str(tmp_path / "missing.pth")))
+    with pytest.raises(JobError, match="not writable"):
+        run(job_config(manifest, "s3://no-such-bucket-for-output/out"))
+    with pytest.raises(JobError, match="no such prefix"):
+        run(job_config("s3://" + manifest[5:].split("/")[0] + "/nothing-here/", str(tmp_path / "b")))
+    with pytest.raises(JobError, match="other settings.*score_threshold"):
+        run(job_config(manifest, output, score_threshold=0.7))
+    fs, path = fsspec.core.url_to_fs(manifest)
+    changed = tmp_path / "changed.txt"
+    changed.write_text(fs.cat_file(path).decode().replace("in/photos/astronaut.jpg", "in/photos/renamed.jpg"))
+    with pytest.raises(JobError, match="not shards of this input"):
+        run(job_config(str(changed), output))
+    assert not (tmp_path / "a" / "annotations").exists()
+
+
+def test_decode_in_tasks_gives_the_same_rows(ray_session, bucket_input, annotated, tmp_path):
+    bucket, _, expected = bucket_input
+    subset = sorted(u for u in expected if "/in/variants/" in u or "crowd_baseball" in u or "broken/empty" in u)
+    manifest = tmp_path / "subset.txt"
+    manifest.write_text("\n".join(subset))
+    summary = run(job_config(str(manifest), str(tmp_path / "out"), decode="tasks", actors=1))
+    assert summary["images"] == len(subset)
+    tasks = read_output(str(tmp_path / "out")).set_index("uri").sort_index()
+    actor = annotated[2].set_index("uri").loc[subset].sort_index()
+    assert (tasks["num_faces"] == actor["num_faces"]).all()
+    for uri in subset:
+        a, b = faces_of(actor.loc[uri]), faces_of(tasks.loc[uri])
+        if len(a):
+            np.testing.assert_allclose(a[["x1", "y1", "x2", "y2", "quality"]], b[["x1", "y1", "x2", "y2", "quality"]], atol=1e-3)
+
+
+# --- The four queries of docs/annotate.md, with duckdb and with pandas -----------------------
+
+DUCKDB_VIEWS = """
+CREATE VIEW images AS
+  SELECT * EXCLUDE (faces) FROM read_parquet('{root}/annotations/*/*.parquet', hive_partitioning = true);
+CREATE VIEW faces AS
+  SELECT shard, uri, run_id, unnest(faces, recursive := true)
+  FROM read_parquet('{root}/annotations/*/*.parquet', hive_partitioning = true);
+"""
+
+DUCKDB_QUERIES = {
+    "faces_per_shard": "SELECT shard, sum(num_faces) AS faces FROM images GROUP BY shard ORDER BY shard",
+    "good_faces": (
+        "SELECT uri, face_index, score, quality FROM faces "
+        "WHERE score > 0.9 AND quality > 0.5 ORDER BY uri, face_index"
+    ),
+    "errors": "SELECT uri, error_kind, error FROM images WHERE status = 'error' ORDER BY uri",
+    "face_sizes": (
+        "SELECT CAST(pow(2, floor(log2(face_size))) AS INTEGER) AS min_px, count(*) AS faces "
+        "FROM faces GROUP BY min_px ORDER BY min_px"
+    ),
+}
+
+
+def pandas_queries(root: str) -> dict[str, pd.DataFrame]:
+    """The same four queries in pandas (the code shown in docs/annotate.md)."""
+    images = pd.read_parquet(f"{root}/annotations")
+    images["shard"] = images["shard"].astype(str)
+    nested = images[["shard", "uri", "run_id", "faces"]].explode("faces").dropna(subset=["faces"])
+    faces = pd.concat(
+        [nested[["shard", "uri", "run_id"]].reset_index(drop=True), pd.DataFrame(nested["faces"].tolist())], axis=1
+    )
+    faces_per_shard = images.groupby("shard", as_index=False)["num_faces"].sum().rename(columns={"num_faces": "faces"})
+    good = faces[(faces.score > 0.9) & (faces.quality > 0.5)]
+    good_faces = good[["uri", "face_index", "score", "quality"]].sort_values(["uri", "face_index"])
+    errors = images.loc[images.status == "error", ["uri", "error_kind", "error"]].sort_values("uri")
+    min_px = (2 ** np.floor(np.log2(faces.face_size.astype("float64")))).astype(int).rename("min_px")
+    face_sizes = faces.groupby(min_px).size().rename("faces").reset_index()
+    return {"faces_per_shard": faces_per_shard, "good_faces": good_faces, "errors": errors, "face_sizes": face_sizes}
+
+
+def duckdb_queries(root: str) -> dict[str, pd.DataFrame]:
+    con = duckdb.connect()
+    con.execute(DUCKDB_VIEWS.format(root=root))
+    return {name: con.sql(sql).df() for name, sql in DUCKDB_QUERIES.items()}
+
+
+def test_queries_duckdb_and_pandas_agree(annotated, tmp_path):
+    output, summary, rows, expected = annotated
+    # duckdb reads local Parquet here (its S3 extension would download itself): copy the output.
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.get(f"{path}/annotations", str(tmp_path / "annotations"), recursive=True)
+    root = str(tmp_path)
+    duck, pand = duckdb_queries(root), pandas_queries(root)
+    for name in DUCKDB_QUERIES:
+        d = duck[name].reset_index(drop=True)
+        p = pand[name].reset_index(drop=True)
+        assert list(d.columns) == list(p.columns), name
+        assert len(d) == len(p), name
+        for column in d.columns:
+            left, right = d[column].to_numpy(), p[column].to_numpy()
+            if np.issubdtype(np.asarray(left).dtype, np.floating):
+                np.testing.assert_allclose(left, right.astype(float), rtol=1e-6, err_msg=name)
+            else:
+                assert [str(v) for v in left] == [str(v) for v in right], (name, column)
+    assert duck["faces_per_shard"]["faces"].sum() == summary["faces"]
+    assert len(duck["errors"]) == summary["errors"]
+    assert duck["face_sizes"]["faces"].sum() == summary["faces"]
+    assert len(duck["good_faces"]) > 0
+
+
+def test_docs_show_the_tested_queries(repo_root):
+    docs = re.sub(r"\s+", " ", (repo_root / "docs/annotate.md").read_text())
+    for sql in [*DUCKDB_QUERIES.values(), *DUCKDB_VIEWS.strip().split(";")[:2]]:
+        assert re.sub(r"\s+", " ", sql.strip()) in docs, sql
+
+
+# --- Interrupt and rerun, and a node lost mid-run: subprocesses --------------------------------
+
+
+def subprocess_env(repo_root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo_root), env.get("PYTHONPATH")]))
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def committed(output: Path) -> dict[str, bytes]:
+    return {p.parent.name: p.read_bytes() for p in output.glob("annotations/shard=*/part-0.parquet")}
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill what is left of a job started with start_new_session (its local Ray processes)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_interrupted_run_resumes_without_recomputing(s3_server, weights_dir, shared_dir, make_bucket, repo_root, tmp_path):
+    bucket = make_bucket("interrupt")
+    files = {**shared_photos(shared_dir), **generated_images()}
+    upload(bucket, files)
+    output = tmp_path / "out"
+    total_shards = -(-len(files) // 2)
+    args = [
+        sys.executable, "-m", "jobs.annotate", "--input", f"s3://{bucket}/", "--output", str(output),
+        "--images-per-shard", "2", "--scale", "original", "--batch-size", "1", "--torch-threads", "1",
+        "--ray-address", "local",
+    ]  # fmt: skip
+    env = subprocess_env(repo_root)
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen([*args, "--run-id", "first"], cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while len(committed(output)) < 3:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no shard committed in time"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        kill_group(first)
+    time.sleep(1)
+    before = committed(output)
+    assert 3 <= len(before) < total_shards, f"kill came too late: {len(before)} of {total_shards} shards"
+
+    second = subprocess.run([*args, "--run-id", "second"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["shards_skipped_already_committed"] == len(before)
+    assert summary["shards_processed"] == total_shards - len(before)
+    shards = make_shards(sorted(f"s3://{bucket}/{n}" for n in files), 2)
+    assert summary["images"] == sum(len(s.uris) for s in shards if f"shard={s.id}" not in before)
+    after = committed(output)
+    assert len(after) == total_shards
+    assert all(after[shard] == data for shard, data in before.items()), "committed shards were rewritten"
+    rows = read_output(str(output))
+    assert sorted(rows["uri"]) == sorted(f"s3://{bucket}/{n}" for n in files), "exactly one row per image"
+    first_shards = {s.split("=", 1)[1] for s in before}
+    assert (rows.loc[rows["shard"].astype(str).isin(first_shards), "run_id"] == "first").all()
+    assert (rows.loc[~rows["shard"].astype(str).isin(first_shards), "run_id"] == "second").all()
+
+
+def test_worker_node_lost_mid_run(s3_server, weights_dir, shared_dir, make_bucket, repo_root, tmp_path):
+    bucket = make_bucket("cluster")
+    files = {**shared_photos(shared_dir), **generated_images()}
+    upload(bucket, files)
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(repo_root / "tests/_cluster_job.py"), f"s3://{bucket}/", str(output)],
+        cwd=repo_root, env=subprocess_env(repo_root), capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["committed_when_node_removed"] < report["summary"]["shards_total"], "node removed too late"
+    assert report["actors_on_removed_node"] >= 1
+    rows = read_output(str(output))
+    assert sorted(rows["uri"]) == sorted(f"s3://{bucket}/{n}" for n in files), "exactly one row per image"
+    assert len(committed(output)) == report["summary"]["shards_total"]
+
+
+def test_config_from_yaml_with_flag_overrides(tmp_path):
+    from jobs._config import format_config, parse_config
+
+    path = tmp_path / "job.yaml"
+    path.write_text("input: s3://b/in/\noutput: s3://b/out/\nbatch-size: 16\nscale: square:320\ns3_region: eu-west-1\n")
+    config = parse_config(AnnotateConfig, ["--config", str(path), "--batch-size", "4", "--overwrite", "--torch-threads", "none"])
+    assert (config.input, config.batch_size, config.scale, config.overwrite) == ("s3://b/in/", 4, "square:320", True)
+    assert config.storage.region == "eu-west-1" and config.torch_threads is None
+    assert "batch_size" in format_config(config)
+    with pytest.raises(SystemExit):
+        parse_config(AnnotateConfig, ["--output", "x"])  # --input missing
+    path.write_text("input: a\noutput: b\nbatchsize: 3\n")
+    with pytest.raises(SystemExit):
+        parse_config(AnnotateConfig, ["--config", str(path)])
