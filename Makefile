@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # CPU wheel by default; on a CUDA machine: make TORCH_SPEC='torch==2.13.0' TORCH_INDEX=... setup
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -46,6 +46,7 @@ class WorkerSettings:
     storage: StorageOptions
     run_id: str
     weights: str | None
+    model_version: str | None
     model_sha256: str
     scale: str
     score_threshold: float
@@ -240,6 +241,7 @@ class ShardAnnotator:
             "height": [None if hw is None else hw[0] for hw in sizes],
             "num_faces": counts,
             "model_name": [self.detector.weights.name] * n,
+            "model_version": [s.model_version] * n,
             "model_sha256": [s.model_sha256] * n,
             "input_scale": [s.scale] * n,
             "run_id": [s.run_id] * n,

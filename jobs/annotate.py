@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from retinaface_core.image_io import DEFAULT_MAX_PIXELS
 from retinaface_core.preprocessing import InputScale
+from retinaface_core.registry import RegistryError, resolve_model
 from retinaface_core.weights import CheckpointError, load_weights
 from schemas.annotation import SCHEMA_VERSION
 
@@ -42,6 +43,7 @@ class AnnotateConfig:
     output: str = field(metadata={"help": "output dataset URI (local path, file://, s3://, ...)"})
     images_per_shard: int = field(default=64, metadata={"help": "images per shard, the unit of work and of commit"})
     weights: str | None = field(default=None, metadata={"help": "checkpoint name, path or URI (default: $RETINAFACE_WEIGHTS or mobilenet0.25-1mb)"})
+    model: str | None = field(default=None, metadata={"help": "model registry URI (its current version) or REGISTRY/vNNNN; the version is recorded in every row (instead of --weights)"})
     scale: str = field(default="long:640", metadata={"help": "network input size: original, long:N or square:N"})
     score_threshold: float = field(default=0.5, metadata={"help": "keep faces with score above this"})
     nms_iou: float = field(default=0.4, metadata={"help": "NMS IoU threshold"})
@@ -96,9 +98,12 @@ def prepare(config: AnnotateConfig, run_id: str) -> tuple[OutputStore, list[Shar
         raise JobError(str(exc)) from exc
     if config.batch_size < 1 or config.actors < 1:
         raise JobError("--batch-size and --actors must be >= 1")
+    if config.model and config.weights:
+        raise JobError("give --model (a registry) or --weights (a checkpoint), not both")
     try:
-        weights = load_weights(config.weights)
-    except (CheckpointError, FileNotFoundError, OSError) as exc:
+        checkpoint, version = resolve_model(config.model) if config.model else (config.weights, None)
+        weights = load_weights(checkpoint)
+    except (CheckpointError, RegistryError, FileNotFoundError, OSError) as exc:
         raise JobError(f"model not available: {exc}") from exc
     store = OutputStore(config.output, config.storage)
     store.check_writable()
@@ -109,12 +114,17 @@ def prepare(config: AnnotateConfig, run_id: str) -> tuple[OutputStore, list[Shar
     dataset = {
         "schema_version": SCHEMA_VERSION,
         "model_name": weights.name,
+        "model_version": version,
+        "model_checkpoint": checkpoint,
         "model_sha256": weights.sha256,
         **{k: getattr(config, k) for k in FINGERPRINT_KEYS},
     }
-    previous = store.read_json("_dataset.json")
-    if previous is not None and previous != dataset:
-        changed = sorted(k for k in dataset.keys() | previous.keys() if previous.get(k) != dataset.get(k))
+    stored = store.read_json("_dataset.json")
+    previous = stored or dataset
+    # Where the checkpoint came from may differ between runs (a name, then its path); its
+    # sha256 is what must not change.
+    changed = sorted(k for k in dataset.keys() | previous.keys() if k != "model_checkpoint" and previous.get(k) != dataset.get(k))
+    if changed:
         raise JobError(
             f"output {config.output} holds results made with other settings ({', '.join(changed)}: "
             f"{ {k: previous.get(k) for k in changed} } vs { {k: dataset.get(k) for k in changed} }); "
@@ -129,7 +139,7 @@ def prepare(config: AnnotateConfig, run_id: str) -> tuple[OutputStore, list[Shar
             f"output {config.output} holds {len(foreign)} committed shards that are not shards of this input "
             f"(the input changed, or another input was written here); use --overwrite, or another --output"
         )
-    if previous is None:
+    if stored is None:
         store.write_json("_dataset.json", dataset)
     store.write_json(f"_runs/{run_id}/config.json", {"run_id": run_id, **config_dict(config)})
     todo = [s for s in shards if s.id not in committed]
@@ -148,7 +158,9 @@ def run_pipeline(config: AnnotateConfig, run_id: str, todo: list[Shard], dataset
         output=config.output,
         storage=config.storage,
         run_id=run_id,
-        weights=config.weights,
+        # Workers load what the driver resolved: a registry's current version could move mid-run.
+        weights=dataset["model_checkpoint"],
+        model_version=dataset["model_version"],
         model_sha256=dataset["model_sha256"],
         scale=config.scale,
         score_threshold=config.score_threshold,

@@ -41,6 +41,7 @@ ANNOTATION_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("num_faces", pa.int32(), nullable=False),
         pa.field("model_name", pa.string(), nullable=False),
+        pa.field("model_version", pa.string()),  # model registry version (--model), null for --weights
         pa.field("model_sha256", pa.string(), nullable=False),
         pa.field("input_scale", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),

@@ -34,6 +34,9 @@ from jobs._storage import JobError, list_input, make_shards
 from jobs.annotate import AnnotateConfig, run
 from retinaface_core import Detector
 from retinaface_core.image_io import read_image
+from retinaface_core.registry import ModelRegistry
+from retinaface_core.training import model_checkpoint_bytes
+from retinaface_core.weights import load_weights
 from schemas.annotation import ANNOTATION_SCHEMA, SCHEMA_VERSION
 
 SCALE = "long:640"
@@ -231,6 +234,32 @@ def test_decode_in_tasks_gives_the_same_rows(ray_session, bucket_input, annotate
         a, b = faces_of(actor.loc[uri]), faces_of(tasks.loc[uri])
         if len(a):
             np.testing.assert_allclose(a[["x1", "y1", "x2", "y2", "quality"]], b[["x1", "y1", "x2", "y2", "quality"]], atol=1e-3)
+
+
+def test_model_from_the_registry_is_recorded(ray_session, bucket_input, annotated, tmp_path):
+    _, _, expected = bucket_input
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    loaded = load_weights("mobilenet0.25-1mb")
+    registry.register(
+        model_checkpoint_bytes(loaded.model), config={"model": loaded.config.to_dict()},
+        metrics={"val": {"data": "none", "ap": {"easy": 0.5, "medium": 0.5, "hard": 0.5}}}, train_data={},
+    )
+    with pytest.raises(JobError, match="no current version"):
+        run(job_config(str(tmp_path / "none.txt"), str(tmp_path / "out"), model=registry.uri))
+    assert registry.promote("v0001").promoted
+    subset = sorted(u for u in expected if "crowd_baseball" in u or "broken/empty" in u)
+    manifest = tmp_path / "subset.txt"
+    manifest.write_text("\n".join(subset))
+    with pytest.raises(JobError, match="not both"):
+        run(job_config(str(manifest), str(tmp_path / "out"), model=registry.uri, weights="mobilenet0.25-1mb"))
+    run(job_config(str(manifest), str(tmp_path / "out"), model=registry.uri))
+    rows = read_output(str(tmp_path / "out")).set_index("uri")
+    assert set(rows["model_version"]) == {"v0001"}
+    assert set(rows["model_sha256"]) == {registry.get("v0001").sha256}
+    # Same weights as the published checkpoint: the same faces as the run that used --weights.
+    baseline = annotated[2].set_index("uri")
+    assert (rows["num_faces"] == baseline.loc[rows.index, "num_faces"]).all()
+    assert set(baseline["model_version"].dropna()) == set()
 
 
 # --- The four queries of docs/annotate.md, with duckdb and with pandas -----------------------
