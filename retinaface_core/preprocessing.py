@@ -130,12 +130,14 @@ def group_batch(
 def to_network_input(pixels: np.ndarray, mean_bgr: Sequence[float], channel_order: str, device: torch.device) -> Tensor:
     """(n, H, W, 3) uint8 BGR -> (n, 3, H, W) float32, mean-subtracted, channels_last on ``device``.
 
-    The uint8 array crosses to the device as is (4x less traffic than float), and the NHWC
-    layout becomes a channels_last NCHW view without a copy.
+    The uint8 array crosses to the device as is (4x less traffic than float), and is normalised
+    in its contiguous NHWC layout, which the final permute turns into a channels_last NCHW view
+    without a copy.
     """
     x = torch.from_numpy(pixels).to(device, non_blocking=True)
+    mean = list(mean_bgr)
     if channel_order == "RGB":
-        x = x.flip(-1)
-    x = x.permute(0, 3, 1, 2).float()
-    mean = torch.tensor(mean_bgr if channel_order == "BGR" else mean_bgr[::-1], dtype=torch.float32, device=device)
-    return (x - mean.view(1, 3, 1, 1)).contiguous(memory_format=torch.channels_last)
+        x, mean = x.flip(-1), mean[::-1]
+    x = x.float()
+    x -= torch.tensor(mean, dtype=torch.float32, device=device)
+    return x.permute(0, 3, 1, 2)
