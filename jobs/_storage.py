@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import posixpath
 import uuid
 from collections.abc import Sequence
@@ -20,6 +19,8 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+from retinaface_core.storage import write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFEST_EXTENSIONS = (".txt", ".lst", ".csv", ".parquet")
@@ -155,23 +156,8 @@ class OutputStore:
         return self.path(self.TABLE, f"shard={shard_id}", "part-0.parquet")
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        """Make ``data`` appear at ``path`` all at once, replacing any previous object.
-
-        Object stores get a single PUT, which they make visible only when complete. A local
-        file is written under a hidden temporary name in the same folder, then renamed over
-        the final name (a rename within a folder is atomic on POSIX).
-        """
-        if isinstance(self.fs, LocalFileSystem):
-            folder = posixpath.dirname(path)
-            os.makedirs(folder, exist_ok=True)
-            tmp = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+        """Make ``data`` appear at ``path`` all at once (see :func:`write_atomic`)."""
+        write_atomic(self.fs, path, data)
 
     def write_json(self, relative: str, obj: Any) -> None:
         self.write_bytes(self.path(relative), json.dumps(obj, indent=2, sort_keys=True, default=str).encode())

@@ -25,13 +25,12 @@ import json
 import os
 import posixpath
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
+from .storage import write_atomic
 from .widerface import LEVELS
 
 MODEL_FILE = "model.pth"
@@ -107,18 +106,7 @@ class ModelRegistry:
         return posixpath.join(self.uri, *parts)
 
     def _write(self, path: str, data: bytes) -> None:
-        """Make ``data`` appear at ``path`` at once (see the module docstring)."""
-        if isinstance(self.fs, LocalFileSystem):
-            folder = posixpath.dirname(path)
-            os.makedirs(folder, exist_ok=True)
-            tmp = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+        write_atomic(self.fs, path, data)
 
     def _write_json(self, path: str, obj: Any) -> None:
         self._write(path, json.dumps(obj, indent=2, sort_keys=True).encode())
