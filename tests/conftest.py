@@ -6,6 +6,7 @@
 - ``weights_dir``: the folder holding the published checkpoint; exported as
   ``RETINAFACE_WEIGHTS_DIR`` for the rest of the session so that the core, subprocesses and Ray
   workers started afterwards all resolve ``mobilenet0.25-1mb`` to it.
+- ``gt_dir``: the official WIDER FACE val ground truth in ``shared_dir``.
 - ``s3_server``: one moto S3 server on 127.0.0.1 for the session, with ``AWS_ENDPOINT_URL`` and
   test credentials exported so that pyarrow, s3fs and Ray workers all talk to it; yields its URL.
 - ``make_bucket``: creates a fresh, uniquely named bucket on that server and returns its name.
@@ -55,6 +56,25 @@ def weights_dir(shared_dir: Path) -> Path:
     if not (path / CHECKPOINT_FILE).is_file():
         pytest.skip(f"checkpoint {path / CHECKPOINT_FILE} is absent")
     os.environ["RETINAFACE_WEIGHTS_DIR"] = str(path)
+    return path
+
+
+WIDER_GT_FILES = (
+    "wider_face_val_bbx_gt.txt",
+    "wider_face_val.mat",
+    "wider_easy_val.mat",
+    "wider_medium_val.mat",
+    "wider_hard_val.mat",
+)
+
+
+@pytest.fixture(scope="session")
+def gt_dir(shared_dir: Path) -> Path:
+    """The official WIDER FACE val ground truth folder (.txt and the four .mat files)."""
+    path = shared_dir / "widerface" / "ground_truth"
+    missing = [name for name in WIDER_GT_FILES if not (path / name).is_file()]
+    if missing:
+        pytest.skip(f"WIDER FACE val ground truth not found in {path} (missing {missing}); set RETINAFACE_SHARED")
     return path
 
 

@@ -22,22 +22,6 @@ from retinaface_core.widerface import (
 
 # Line of the one negative-size box in wider_face_val_bbx_gt.txt (w = -2).
 NEGATIVE_BOX_LINE = 34471
-GT_FILES = (
-    "wider_face_val_bbx_gt.txt",
-    "wider_face_val.mat",
-    "wider_easy_val.mat",
-    "wider_medium_val.mat",
-    "wider_hard_val.mat",
-)
-
-
-@pytest.fixture(scope="module")
-def gt_dir(shared_dir: Path) -> Path:
-    gt_dir = shared_dir / "widerface" / "ground_truth"
-    missing = [name for name in GT_FILES if not (gt_dir / name).is_file()]
-    if missing:
-        pytest.skip(f"WIDER FACE val ground truth not found in {gt_dir} (missing {missing}); set RETINAFACE_SHARED")
-    return gt_dir
 
 
 @pytest.fixture(scope="module")
