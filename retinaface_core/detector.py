@@ -31,7 +31,7 @@ class Detector:
         pad_multiple: pad network inputs up to a multiple of this, so that images of nearly
             equal size share one forward pass. 1 (the default) runs every image at its exact
             size like the reference; padding moves detections near the bottom/right border
-            by up to ~10 px (measured on the shared photos with 32), so use it knowingly.
+            by up to ~12 px (measured on the shared photos with 32), so use it knowingly.
         optimize: fold BatchNorm into convolutions and use channels_last.
         compile: wrap the network in ``torch.compile``.
     """
