@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retinaface_core.evaluation import evaluate, format_ap_table, plot_pr_curves, write_predictions
+from retinaface_core.evaluation import evaluate, format_ap_table, plot_pr_curves, submission_rows, write_predictions
 from retinaface_core.preprocessing import InputScale
 from retinaface_core.registry import RegistryError, resolve_model
 from retinaface_core.weights import CheckpointError, load_weights
@@ -87,8 +87,7 @@ class WiderPredictor:
                 errors.append(item.error)
                 continue
             faces = next(found)
-            xywh = np.concatenate([faces.boxes[:, :2], faces.boxes[:, 2:] - faces.boxes[:, :2], faces.scores[:, None]], 1)
-            rows.append(xywh.astype(np.float64).tobytes())
+            rows.append(submission_rows(faces.boxes, faces.scores).tobytes())
             errors.append("")
         return {"uri": batch["uri"], "detections": np.array(rows, dtype=object), "error": np.array(errors, dtype=object)}
 

@@ -219,6 +219,16 @@ def read_predictions(root_uri: str) -> dict[str, np.ndarray]:
     }
 
 
+def submission_rows(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Detector output -> the protocol's rows: (N, 4) x1, y1, x2, y2 and (N,) scores to float64
+    (N, 5) ``x, y, w, h, score``, order kept."""
+    rows = np.empty((len(scores), 5), dtype=np.float64)
+    rows[:, :2] = boxes[:, :2]
+    rows[:, 2:4] = boxes[:, 2:] - boxes[:, :2]
+    rows[:, 4] = scores
+    return rows
+
+
 def format_ap_table(result: EvaluationResult) -> str:
     """A Markdown table of AP and face count per level."""
     rows = ["| level | AP | faces |", "| --- | ---: | ---: |"]

@@ -26,7 +26,7 @@ from .anchors import cached_priors
 from .augment import Faces, TrainAugment
 from .config import RetinaFaceConfig
 from .detector import Detector
-from .evaluation import evaluate
+from .evaluation import evaluate, submission_rows
 from .image_io import read_image
 from .loss import FaceTargets, LossComponents, multibox_loss
 from .model import RetinaFace
@@ -296,7 +296,5 @@ def validate(
         decoded = pool.map(lambda image: read_image(dataset.image_uri(image)), dataset.images)
         for annotation, pixels in zip(dataset.images, decoded):
             found = detector.detect([pixels])[0]
-            xywh = found.boxes.astype(np.float64)
-            xywh[:, 2:] -= xywh[:, :2]
-            predictions[_evaluation_name(annotation.name)] = np.column_stack([xywh, found.scores])
+            predictions[_evaluation_name(annotation.name)] = submission_rows(found.boxes, found.scores)
     return dict(evaluate(predictions, ground_truth, subset=True).ap)
