@@ -72,7 +72,10 @@ def decode_candidates(
     Rows hold k = min(top_k, most anchors above the threshold in any image) candidates; an
     image with fewer has its tail below the threshold, which :func:`select` drops.
     """
-    probs = torch.softmax(output.logits.float(), dim=-1)[..., 1]
+    logits = output.logits.float()
+    # The face column of a 2-way softmax, as a sigmoid of the logit difference: softmax over
+    # an innermost axis of length 2 is a slow path (0.65 ms for 16,800 anchors, against 0.02).
+    probs = torch.sigmoid(logits[..., 1] - logits[..., 0])
     # Sorting only as many anchors as pass the threshold keeps top-k cheap: at a display
     # threshold a few dozen of the 16,800 anchors of a 640x640 input pass.
     k = min(top_k, int((probs > score_threshold).sum(dim=1).max()))

@@ -10,6 +10,7 @@ and most photos at ``long:N``) still share one forward pass.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -102,7 +103,7 @@ def group_batch(
     images: Sequence[np.ndarray], scale: InputScale, pad_multiple: int, mean_bgr: Sequence[float]
 ) -> list[InputGroup]:
     """Resize each image per ``scale`` and stack images with equal padded shape into groups."""
-    fill = np.clip(np.rint(mean_bgr), 0, 255).astype(np.uint8)
+    fill = tuple(int(v) for v in np.clip(np.rint(mean_bgr), 0, 255))
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
         validate_image(image, i)
@@ -118,9 +119,11 @@ def group_batch(
             rh, rw = scale.resized_shape(h, w)
             if (rh, rw) != (h, w):
                 image = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_LINEAR)
-            pixels[slot, :rh, :rw] = image
-            pixels[slot, rh:] = fill
-            pixels[slot, :rh, rw:] = fill
+            # One pass that copies and pads, straight into the batch (half the cost of numpy's
+            # slice assignment with a broadcast fill colour).
+            cv2.copyMakeBorder(
+                image, 0, height - rh, 0, width - rw, cv2.BORDER_CONSTANT, dst=pixels[slot], value=fill
+            )
             scales[slot] = (rw / w, rh / h)
             sizes[slot] = (h, w)
         groups.append(InputGroup(pixels, indices, scales, sizes))
@@ -135,9 +138,17 @@ def to_network_input(pixels: np.ndarray, mean_bgr: Sequence[float], channel_orde
     without a copy.
     """
     x = torch.from_numpy(pixels).to(device, non_blocking=True)
-    mean = list(mean_bgr)
+    mean = tuple(float(v) for v in mean_bgr)
     if channel_order == "RGB":
         x, mean = x.flip(-1), mean[::-1]
+    n, height, width, channels = x.shape
     x = x.float()
-    x -= torch.tensor(mean, dtype=torch.float32, device=device)
+    # Broadcasting a 3-vector along the innermost axis defeats vectorisation (0.7 ms at 640x640);
+    # subtracting one image row of tiled means runs at memory speed (0.07 ms).
+    x.view(n * height, width * channels).sub_(_mean_row(mean, width, x.device))
     return x.permute(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=32)
+def _mean_row(mean: tuple[float, ...], width: int, device: torch.device) -> Tensor:
+    return torch.tensor(mean, dtype=torch.float32, device=device).repeat(width)

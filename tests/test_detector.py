@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from retinaface_core import Detector, InputScale, InvalidImageError, load_weights
+from retinaface_core.model import optimize_for_inference
 from retinaface_core.postprocessing import Detections
+from retinaface_core.preprocessing import group_batch, to_network_input
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +129,41 @@ def test_optimised_network_computes_the_same_function(loaded, baseball):
     assert_same(Detections(plain.boxes[keep], plain.scores[keep], plain.landmarks[keep]),
                 Detections(fast.boxes[fast.scores > 0.3], fast.scores[fast.scores > 0.3], fast.landmarks[fast.scores > 0.3]),
                 atol=0.05)
+
+
+def test_inference_network_gives_the_raw_outputs_of_the_published_one(loaded, baseball):
+    pixels = group_batch([baseball], InputScale.parse("long:480"), 1, loaded.config.mean_bgr)[0].pixels
+    x = to_network_input(pixels, loaded.config.mean_bgr, loaded.config.channel_order, torch.device("cpu"))
+    with torch.no_grad():
+        expected = loaded.model.eval()(x.contiguous())
+        merged = optimize_for_inference(loaded.model)(x)
+    for name, a, b in zip(expected._fields, expected, merged):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(b, a, atol=2e-3, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("channel_order", ["BGR", "RGB"])
+def test_network_input_is_the_mean_subtracted_image_in_channel_order(channel_order):
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    mean = (104.0, 117.0, 123.0)
+    x = to_network_input(pixels, mean, channel_order, torch.device("cpu"))
+    expected = pixels.astype(np.float32) - np.array(mean, np.float32)
+    if channel_order == "RGB":
+        expected = expected[..., ::-1]
+    assert x.shape == (2, 3, 5, 7) and x.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_array_equal(x.permute(0, 2, 3, 1).numpy(), expected)
+
+
+def test_letterbox_keeps_the_resized_image_top_left_and_pads_with_the_mean():
+    portrait = np.random.default_rng(1).integers(0, 256, (100, 50, 3), dtype=np.uint8)
+    landscape = np.ascontiguousarray(portrait.transpose(1, 0, 2))
+    groups = group_batch([portrait, landscape], InputScale.parse("square:64"), 1, (104.4, 117.0, 123.0))
+    assert len(groups) == 1 and groups[0].pixels.shape == (2, 64, 64, 3)
+    tall, wide = groups[0].pixels
+    np.testing.assert_array_equal(tall[:, :32], cv2.resize(portrait, (32, 64), interpolation=cv2.INTER_LINEAR))
+    np.testing.assert_array_equal(wide[:32], cv2.resize(landscape, (64, 32), interpolation=cv2.INTER_LINEAR))
+    assert (tall[:, 32:] == (104, 117, 123)).all() and (wide[32:] == (104, 117, 123)).all()
+    np.testing.assert_allclose(groups[0].scales, [[32 / 50, 64 / 100], [64 / 100, 32 / 50]])
 
 
 def test_image_without_faces_gives_empty_detections(loaded):

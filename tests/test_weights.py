@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from retinaface_core import PRETRAINED, CheckpointError, RetinaFace, get_config, load_weights
-from retinaface_core.model import fuse_batchnorm
+from retinaface_core.model import fuse_batchnorm, optimize_for_inference
 from retinaface_core.weights import ENV_CACHE_DIR, ENV_WEIGHTS, ENV_WEIGHTS_DIR, PretrainedWeights, resolve_weights
 
 
@@ -188,11 +188,13 @@ def test_resnet50_builds_runs_and_round_trips_the_published_layout(tmp_path):
         expected = model(x)
         again = loaded(x)
         fused = fuse_batchnorm(loaded)(x)
+        inference = optimize_for_inference(loaded)(x.contiguous(memory_format=torch.channels_last))
     anchors = 2 * (12 * 16 + 6 * 8 + 3 * 4)
     assert expected.boxes.shape == (1, anchors, 4) and expected.landmarks.shape == (1, anchors, 10)
-    for a, b, c in zip(expected, again, fused):
+    for a, b, c, d in zip(expected, again, fused, inference):
         assert torch.equal(a, b)
         torch.testing.assert_close(c, a, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(d, a, atol=1e-3, rtol=1e-3)
 
 
 def test_weights_env_var_selects_the_default(shared_checkpoint, isolated_env, monkeypatch):
