@@ -6,7 +6,8 @@ scikit-image's photos. Then, in one run, on the same images and settings:
 
 (a) a bare loop in this process: list -> read -> decode -> detect -> quality -> one Parquet file,
     run before and after (b), its figure the mean of the two;
-(b) the job (``jobs.annotate.run``) on a local Ray: one actor, decode in the actor.
+(b) the job (``jobs.annotate.run``) on a local Ray with its default settings: on a CPU-only
+    machine one single-threaded detector actor per core, each decoding on its own threads.
 
 Both include model loading and write the same rows; the job's time excludes starting Ray.
 Prints images/s of both and their ratio. Then runs the job on ``--mem-small`` and
@@ -158,18 +159,14 @@ class RaySampler:
 def run_job(prefix: str, output: Path, **overrides) -> dict:
     from jobs.annotate import AnnotateConfig, run
 
-    config = AnnotateConfig(
-        input=f"s3://{prefix}/",
-        output=str(output),
-        scale=SCALE,
-        batch_size=BATCH_SIZE,
-        images_per_shard=50,
-        actors=1,
-        decode="actor",
-        decode_threads=2,
-        overwrite=True,
+    settings = {
+        "scale": SCALE,
+        "batch_size": BATCH_SIZE,
+        "images_per_shard": 50,
+        "overwrite": True,
         **overrides,
-    )
+    }
+    config = AnnotateConfig(input=f"s3://{prefix}/", output=str(output), **settings)
     return run(config)
 
 
@@ -182,8 +179,8 @@ def start_ray() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--mem-small", type=int, default=200, help="images of the small memory run; the large one has 10x")
-    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the loop and of the job's actor")
+    parser.add_argument("--mem-small", type=int, default=200, help="images of the small memory run; the large one has 10x; 0 skips the memory runs")
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the bare loop")
     parser.add_argument("--shared", type=Path, default=Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared")))
     args = parser.parse_args()
     shared = args.shared if args.shared.is_dir() else None
@@ -201,8 +198,9 @@ def main() -> None:
         images = make_images(max(args.images, large), shared)
         fsspec.filesystem("s3").mkdir("bench")
         upload("bench/throughput", images[: args.images])
-        upload("bench/mem_small", images[: args.mem_small])
-        upload("bench/mem_large", images[:large])
+        if args.mem_small:
+            upload("bench/mem_small", images[: args.mem_small])
+            upload("bench/mem_large", images[:large])
         print(f"bench: {len(images)} images made and uploaded to {endpoint} in {time.perf_counter() - started:.0f} s", flush=True)
 
         # The loop runs before and after the job: on a shared machine the two loop figures show
@@ -210,7 +208,7 @@ def main() -> None:
         loop_before, loop_n, loop_faces = bare_loop("bench/throughput", work / "loop.parquet", args.torch_threads)
         start_ray()
         job_start = time.perf_counter()
-        summary = run_job("bench/throughput", work / "job", torch_threads=args.torch_threads)
+        summary = run_job("bench/throughput", work / "job")
         job_s = time.perf_counter() - job_start
         ray.shutdown()
         loop_after, _, _ = bare_loop("bench/throughput", work / "loop.parquet", args.torch_threads)
@@ -218,20 +216,21 @@ def main() -> None:
         assert summary["images"] == loop_n and summary["faces"] == loop_faces, (summary, loop_n, loop_faces)
 
         peaks = {}
-        for name, count in (("mem_small", args.mem_small), ("mem_large", large)):
+        for name, count in (("mem_small", args.mem_small), ("mem_large", large)) if args.mem_small else ():
             start_ray()
             with RaySampler(exclude={moto.pid}) as sampler:
-                run_job(f"bench/{name}", work / name, torch_threads=args.torch_threads)
+                run_job(f"bench/{name}", work / name)
                 peaks[count] = sampler.peak
             ray.shutdown()
 
         print("\n=== bench_annotate results ===")
-        print(f"cpus: {os.cpu_count()}, torch threads {args.torch_threads}, scale {SCALE}, batch {BATCH_SIZE}, images {loop_n}, faces {loop_faces}")
+        print(f"cpus: {os.cpu_count()}, loop torch threads {args.torch_threads}, scale {SCALE}, batch {BATCH_SIZE}, images {loop_n}, faces {loop_faces}")
         print(f"bare loop : {loop_n / loop_s:7.2f} images/s (before the job {loop_before:.1f} s, after it {loop_after:.1f} s)")
         print(f"job       : {loop_n / job_s:7.2f} images/s ({job_s:.1f} s; the job's own summary: {summary['images_per_second']:.2f})")
         print(f"ratio     : {loop_s / job_s:.2f}x")
-        small, big = peaks[args.mem_small], peaks[large]
-        print(f"peak RSS of Ray processes: {args.mem_small} images {small / 2**20:.0f} MiB, {large} images {big / 2**20:.0f} MiB, growth {100 * (big / small - 1):+.1f} %")
+        if peaks:
+            small, big = peaks[args.mem_small], peaks[large]
+            print(f"peak RSS of Ray processes: {args.mem_small} images {small / 2**20:.0f} MiB, {large} images {big / 2**20:.0f} MiB, growth {100 * (big / small - 1):+.1f} %")
     finally:
         moto.terminate()
         moto.wait()

@@ -18,7 +18,6 @@ Two ways to feed it (``--decode``):
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import time
 from collections import Counter, deque
@@ -56,7 +55,7 @@ class WorkerSettings:
     batch_size: int
     max_pixels: int
     decode_threads: int
-    torch_threads: int | None
+    torch_threads: int
 
 
 @dataclass
@@ -110,7 +109,7 @@ class ShardAnnotator:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+        torch.set_num_threads(settings.torch_threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.detector = Detector(
             settings.weights,

@@ -50,14 +50,14 @@ class AnnotateConfig:
     top_k: int = field(default=5000, metadata={"help": "candidates per image before NMS"})
     keep_top_k: int = field(default=750, metadata={"help": "faces kept per image after NMS"})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "images with more pixels become error rows (decompression bombs)"})
-    actors: int = field(default=1, metadata={"help": "detector actors"})
+    actors: int | None = field(default=None, metadata={"help": "detector actors (default: one per GPU with --num-gpus-per-actor, else one per --num-cpus-per-actor CPUs of the cluster)"})
     batch_size: int = field(default=8, metadata={"help": "images per forward pass"})
     num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per detector actor (0: CPU)"})
     num_cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs reserved per detector actor"})
     decode: str = field(default="auto", metadata={"help": "where images are decoded: actor (thread pool in the detector actor), tasks (separate CPU tasks), auto (tasks with GPUs, else actor)", "choices": ["auto", "actor", "tasks"]})
     decode_threads: int = field(default=2, metadata={"help": "decode threads per actor (--decode actor)"})
     decode_cpus: float = field(default=0.5, metadata={"help": "CPUs per decode task (--decode tasks)"})
-    torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads per actor (default: the node's cores)"})
+    torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads per actor (default: --num-cpus-per-actor, at least 1)"})
     overwrite: bool = field(default=False, metadata={"help": "delete previous results under --output and start over"})
     s3_endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (default: $AWS_ENDPOINT_URL / AWS config)"})
     s3_anonymous: bool = field(default=False, metadata={"help": "access S3 without credentials"})
@@ -96,8 +96,10 @@ def prepare(config: AnnotateConfig, run_id: str) -> tuple[OutputStore, list[Shar
         InputScale.parse(config.scale)
     except ValueError as exc:
         raise JobError(str(exc)) from exc
-    if config.batch_size < 1 or config.actors < 1:
+    if config.batch_size < 1 or (config.actors is not None and config.actors < 1):
         raise JobError("--batch-size and --actors must be >= 1")
+    if config.num_cpus_per_actor <= 0 and config.num_gpus_per_actor <= 0:
+        raise JobError("an actor needs --num-cpus-per-actor > 0 or --num-gpus-per-actor > 0")
     if config.model and config.weights:
         raise JobError("give --model (a registry) or --weights (a checkpoint), not both")
     try:
@@ -170,8 +172,13 @@ def run_pipeline(config: AnnotateConfig, run_id: str, todo: list[Shard], dataset
         batch_size=config.batch_size,
         max_pixels=config.max_pixels,
         decode_threads=config.decode_threads,
-        torch_threads=config.torch_threads,
+        torch_threads=config.torch_threads or max(1, round(config.num_cpus_per_actor)),
     )
+    # An actor without a shard to work on would only load a model.
+    actors = min(
+        len(todo), config.actors or pool_size(ray.cluster_resources(), config.num_cpus_per_actor, config.num_gpus_per_actor)
+    )
+    print(f"{actors} detector actors, {settings.torch_threads} torch threads each, decode: {config.decode_mode}", flush=True)
     # One block per shard, so that the actor pool hands shards out one at a time.
     ds = ray.data.from_items(
         [{"shard": s.id, "uris": list(s.uris)} for s in todo], override_num_blocks=len(todo)
@@ -188,11 +195,24 @@ def run_pipeline(config: AnnotateConfig, run_id: str, todo: list[Shard], dataset
         ShardAnnotator,
         fn_constructor_kwargs={"settings": settings},
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=config.num_cpus_per_actor,
         num_gpus=gpus if gpus > 0 else None,
     )
     return list(ds.iter_rows())
+
+
+def pool_size(resources: dict[str, float], cpus_per_actor: float, gpus_per_actor: float) -> int:
+    """Actors that the cluster's resources hold at once: one per GPU share, else per CPU share.
+
+    On CPUs, several single-threaded actors beat one multi-threaded actor: each overlaps its own
+    decoding with its own forward pass, and a single-threaded forward wastes no time in thread
+    synchronisation (measured on 2 cores: 2 actors x 1 thread about twice the images/s of
+    1 actor x 2 threads; see docs/annotate.md).
+    """
+    if gpus_per_actor > 0:
+        return max(1, int(resources.get("GPU", 0) // gpus_per_actor))
+    return max(1, int(resources.get("CPU", 1) // cpus_per_actor))
 
 
 def summarise(run_id: str, shards: list[Shard], todo: list[Shard], results: list[dict], seconds: float) -> dict:

@@ -13,7 +13,7 @@ from .config import RetinaFaceConfig
 from .model import RetinaFaceOutput, optimize_for_inference
 from .postprocessing import Detections, decode_candidates, select
 from .preprocessing import InputScale, group_batch, to_network_input
-from .runtime import keep_freed_memory
+from .runtime import bound_kernel_caches, keep_freed_memory
 from .weights import LoadedWeights, load_weights
 
 
@@ -35,8 +35,9 @@ class Detector:
             size like the reference; padding moves detections near the bottom/right border
             by up to ~12 px (measured on the shared photos with 32), so use it knowingly.
         optimize: fold BatchNorm into convolutions, merge the heads of each level
-            (:func:`model.optimize_for_inference`) and use channels_last; on CPU also keep
-            freed memory in the process heap (:func:`runtime.keep_freed_memory`, process-wide).
+            (:func:`model.optimize_for_inference`) and use channels_last. On CPU also set two
+            process-wide things: keep freed memory in the heap (:func:`runtime.keep_freed_memory`)
+            and cap the per-shape kernel caches (:func:`runtime.bound_kernel_caches`).
         compile: wrap the network in ``torch.compile`` with weights frozen as constants (about
             10 s of compilation per input shape on first use; pays off at a fixed ``square:N``).
     """
@@ -74,6 +75,7 @@ class Detector:
             network = network.to(memory_format=torch.channels_last)
             if self.device.type == "cpu":
                 keep_freed_memory()
+                bound_kernel_caches()
         self.network = torch.compile(network, options={"freezing": True}) if compile else network
 
     def forward(self, pixels: np.ndarray) -> RetinaFaceOutput:

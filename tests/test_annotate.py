@@ -438,3 +438,13 @@ def test_config_from_yaml_with_flag_overrides(tmp_path):
     path.write_text("input: a\noutput: b\nbatchsize: 3\n")
     with pytest.raises(SystemExit):
         parse_config(AnnotateConfig, ["--config", str(path)])
+
+
+def test_default_pool_fills_the_cluster_with_one_actor_per_share():
+    from jobs.annotate import pool_size
+
+    assert pool_size({"CPU": 2.0}, 1.0, 0.0) == 2
+    assert pool_size({"CPU": 16.0, "GPU": 4.0}, 1.0, 1.0) == 4
+    assert pool_size({"CPU": 16.0, "GPU": 4.0}, 1.0, 0.5) == 8
+    assert pool_size({"CPU": 7.0}, 2.0, 0.0) == 3
+    assert pool_size({"CPU": 0.5}, 1.0, 0.0) == 1, "a cluster smaller than one share still gets one actor"
