@@ -107,6 +107,16 @@ def test_read_errors_are_named(tmp_path):
     assert err.value.kind == "permission_denied"
 
 
+@pytest.mark.parametrize("size", [(60, 40), (2600, 1800)], ids=["one-block", "several-blocks"])
+def test_both_pixel_export_paths_give_the_exact_pixels(size):
+    # Pillow keeps images above 16 MiB (RGBX) in several memory blocks, which take another path.
+    width, height = size
+    pixels = RNG.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = decode_image(encode(Image.fromarray(pixels), "PNG", compress_level=0), "noise.png")
+    np.testing.assert_array_equal(out, pixels[:, :, ::-1])
+    assert out.flags.writeable and out.flags.c_contiguous
+
+
 def test_real_photo_matches_opencv(shared_dir):
     import cv2
 
