@@ -31,6 +31,7 @@ from retinaface_core.registry import RegistryError, resolve_model
 from retinaface_core.weights import CheckpointError, load_weights
 from schemas.annotation import SCHEMA_VERSION
 
+from ._cluster import pool_size
 from ._config import config_dict, format_config, parse_config
 from ._storage import JobError, OutputStore, Shard, StorageOptions, list_input, make_shards
 
@@ -200,19 +201,6 @@ def run_pipeline(config: AnnotateConfig, run_id: str, todo: list[Shard], dataset
         num_gpus=gpus if gpus > 0 else None,
     )
     return list(ds.iter_rows())
-
-
-def pool_size(resources: dict[str, float], cpus_per_actor: float, gpus_per_actor: float) -> int:
-    """Actors that the cluster's resources hold at once: one per GPU share, else per CPU share.
-
-    On CPUs, several single-threaded actors beat one multi-threaded actor: each overlaps its own
-    decoding with its own forward pass, and a single-threaded forward wastes no time in thread
-    synchronisation (measured on 2 cores: 2 actors x 1 thread about twice the images/s of
-    1 actor x 2 threads; see docs/annotate.md).
-    """
-    if gpus_per_actor > 0:
-        return max(1, int(resources.get("GPU", 0) // gpus_per_actor))
-    return max(1, int(resources.get("CPU", 1) // cpus_per_actor))
 
 
 def summarise(run_id: str, shards: list[Shard], todo: list[Shard], results: list[dict], seconds: float) -> dict:

@@ -26,6 +26,7 @@ from retinaface_core.registry import RegistryError, resolve_model
 from retinaface_core.weights import CheckpointError, load_weights
 from retinaface_core.widerface import read_ground_truth_mat
 
+from ._cluster import pool_size
 from ._config import config_dict, format_config, parse_config
 from ._storage import JobError, StorageOptions, filesystem, full_uri, list_input
 
@@ -45,7 +46,7 @@ class EvaluateConfig:
     top_k: int = field(default=5000, metadata={"help": "candidates per image before NMS"})
     keep_top_k: int = field(default=750, metadata={"help": "detections kept per image after NMS"})
     subset: bool = field(default=False, metadata={"help": "score only the images found under --images (default: every val image; missing ones count as misses)"})
-    actors: int = field(default=1, metadata={"help": "detector actors"})
+    actors: int | None = field(default=None, metadata={"help": "detector actors (default: one per GPU with --num-gpus-per-actor, else one per CPU of the cluster)"})
     batch_size: int = field(default=4, metadata={"help": "images per actor call"})
     num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per detector actor (0: CPU)"})
     s3_endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (default: $AWS_ENDPOINT_URL / AWS config)"})
@@ -126,12 +127,15 @@ def run(config: EvaluateConfig) -> dict:
     start = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=config.ray_address)
+    actors = min(
+        -(-len(uris) // config.batch_size), config.actors or pool_size(ray.cluster_resources(), 1.0, config.num_gpus_per_actor)
+    )
     dataset = ray.data.from_items([{"uri": uri} for uri in uris]).map_batches(
         WiderPredictor,
         # The registry is resolved once, here; each actor resolves a name or URI itself.
         fn_constructor_args=(config, checkpoint),
         batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=config.num_gpus_per_actor or None,
     )
     predictions, errors = {}, {}

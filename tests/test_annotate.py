@@ -441,7 +441,7 @@ def test_config_from_yaml_with_flag_overrides(tmp_path):
 
 
 def test_default_pool_fills_the_cluster_with_one_actor_per_share():
-    from jobs.annotate import pool_size
+    from jobs._cluster import pool_size
 
     assert pool_size({"CPU": 2.0}, 1.0, 0.0) == 2
     assert pool_size({"CPU": 16.0, "GPU": 4.0}, 1.0, 1.0) == 4
