@@ -42,8 +42,8 @@ def bound_kernel_caches(entries: int = 256) -> None:
     PyTorch's CPU convolutions cache a compiled oneDNN primitive per layer and input shape, in
     ideep's LRU (``LRU_CACHE_CAPACITY``) and oneDNN's own (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``),
     1,024 entries each by default. Photos of ever new sizes (``original`` or ``long:N``) fill
-    them: a worker's memory grew by ~250 MiB over 1,000 image sizes with the defaults and
-    levelled off at +70 MiB with 256 entries, several shapes' worth of RetinaFace's ~50
+    them: a process's memory grew by 200-240 MiB over 1,000 image sizes with the defaults and
+    levelled off at +77 MiB with 256 entries, several shapes' worth of RetinaFace's ~50
     convolutions, which leaves a fixed ``square:N`` as fast as before (at 16 entries it
     re-creates primitives on every pass and loses 25 %).
 
