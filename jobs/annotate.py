@@ -179,7 +179,7 @@ def run_pipeline(config: AnnotateConfig, run_id: str, todo: list[Shard], dataset
     actors = min(
         len(todo), config.actors or pool_size(ray.cluster_resources(), config.num_cpus_per_actor, config.num_gpus_per_actor)
     )
-    print(f"{actors} detector actors, {settings.torch_threads} torch threads each, decode: {config.decode_mode}", flush=True)
+    print(f"detector actors: {actors}, torch threads per actor: {settings.torch_threads}, decode: {config.decode_mode}", flush=True)
     # One block per shard, so that the actor pool hands shards out one at a time.
     ds = ray.data.from_items(
         [{"shard": s.id, "uris": list(s.uris)} for s in todo], override_num_blocks=len(todo)
