@@ -118,13 +118,13 @@ def make_bucket(s3_server: str) -> Callable[[str], str]:
 def ray_session(s3_server: str, weights_dir: Path) -> Iterator[None]:
     import ray
 
-    # More logical CPUs than the 2 physical cores: decode tasks and the detector actors hold
-    # fractional or whole CPUs, and the pipeline must never wait for a free slot.
-    # address="local": never join another Ray that happens to run on this machine.
     # Ray Train declares a worker dead when its health check has hung this long (default 10
     # min). Once in a few runs Ray misses the death of the worker that test_train kills, and
     # only this timeout ends the wait; the raylet and workers inherit it from this process.
     os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "30")
+    # More logical CPUs than the 2 physical cores: decode tasks and the detector actors hold
+    # fractional or whole CPUs, and the pipeline must never wait for a free slot.
+    # address="local": never join another Ray that happens to run on this machine.
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()

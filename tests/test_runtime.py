@@ -1,4 +1,4 @@
-"""The allocator setting that CPU inference relies on (runtime.keep_freed_memory)."""
+"""The process settings that CPU inference relies on: runtime.keep_freed_memory and bound_kernel_caches."""
 
 from __future__ import annotations
 
