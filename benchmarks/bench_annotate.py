@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -89,36 +87,6 @@ def bare_loop(prefix: str, output: Path, torch_threads: int) -> tuple[float, int
     return time.perf_counter() - start, len(uris), sum(r["num_faces"] for r in rows)
 
 
-def start_s3_process() -> tuple[subprocess.Popen, str]:
-    """moto's S3 server in its own process, so that it takes no CPU time from the bare loop's."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("moto server did not start")
-            time.sleep(0.2)
-    os.environ.update(
-        AWS_ENDPOINT_URL=endpoint,
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_REGION="us-east-1",
-    )
-    return server, endpoint
-
-
 class RaySampler:
     """Peak of the summed RSS of this process's descendants but ``exclude`` (the Ray processes)."""
 
@@ -157,6 +125,7 @@ class RaySampler:
 
 
 def run_job(prefix: str, output: Path, **overrides) -> dict:
+    from jobs._config import from_values
     from jobs.annotate import AnnotateConfig, run
 
     settings = {
@@ -166,7 +135,7 @@ def run_job(prefix: str, output: Path, **overrides) -> dict:
         "overwrite": True,
         **overrides,
     }
-    config = AnnotateConfig(input=f"s3://{prefix}/", output=str(output), **settings)
+    config = from_values(AnnotateConfig, {"input": f"s3://{prefix}/", "output": str(output), **settings})
     return run(config)
 
 
@@ -190,7 +159,12 @@ def main() -> None:
     import fsspec
     import ray
 
-    moto, endpoint = start_s3_process()
+    from jobs._local_s3 import LocalS3, s3_environment
+
+    # In a process of its own, so that it takes no CPU time from the bare loop's.
+    moto = LocalS3(process=True)
+    endpoint = moto.start()
+    os.environ.update(s3_environment(endpoint))
     work = Path(tempfile.mkdtemp(prefix="bench_annotate_"))
     try:
         large = 10 * args.mem_small
@@ -232,8 +206,7 @@ def main() -> None:
             small, big = peaks[args.mem_small], peaks[large]
             print(f"peak RSS of Ray processes: {args.mem_small} images {small / 2**20:.0f} MiB, {large} images {big / 2**20:.0f} MiB, growth {100 * (big / small - 1):+.1f} %")
     finally:
-        moto.terminate()
-        moto.wait()
+        moto.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -23,79 +23,31 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from retinaface_core import Detector
-from retinaface_core.image_io import ImageDecodeError, decode_image, read_bytes
+from retinaface_core.image_io import FetchedImage, fetch_image
 from retinaface_core.quality import FaceQuality, face_quality
+from retinaface_core.storage import StorageOptions
 from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, LANDMARK_NAMES, QUALITY_COLUMNS
 
-from ._storage import OutputStore, StorageOptions, filesystem, parquet_bytes
+from ._model import ModelIdentity, load_detector
+from ._storage import OutputStore, parquet_bytes
 
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """Everything a worker needs, fixed for the whole run (sent once to each actor)."""
-
-    output: str
-    storage: StorageOptions
-    run_id: str
-    weights: str | None
-    model_version: str | None
-    model_sha256: str
-    scale: str
-    score_threshold: float
-    nms_iou: float
-    top_k: int
-    keep_top_k: int
-    batch_size: int
-    max_pixels: int
-    decode_threads: int
-    torch_threads: int
-
-
-@dataclass
-class DecodedImage:
-    """One input image after reading and decoding: pixels (H, W, 3) uint8 BGR, or the error."""
-
-    uri: str
-    image: np.ndarray | None
-    error_kind: str | None
-    error: str | None
-    read_ms: float
-    decode_ms: float
-
-
-def decode_one(uri: str, storage: StorageOptions, max_pixels: int) -> DecodedImage:
-    """Read and decode one object; every per-image failure becomes an error, never an exception."""
-    start = time.perf_counter()
-    read_done = None
-    try:
-        fs, _ = filesystem(uri, storage)
-        data = read_bytes(uri, fs)
-        read_done = time.perf_counter()
-        image = decode_image(data, uri, max_pixels)
-        error_kind = error = None
-    except ImageDecodeError as exc:
-        image, error_kind, error = None, exc.kind, str(exc)
-    except Exception as exc:  # an unexpected failure of one object must not fail the shard
-        image, error_kind, error = None, "unreadable", f"{uri}: {type(exc).__name__}: {exc}"
-    end = time.perf_counter()
-    read_done = read_done or end
-    return DecodedImage(uri, image, error_kind, error, (read_done - start) * 1e3, (end - read_done) * 1e3)
+if TYPE_CHECKING:
+    from .annotate import AnnotateConfig
 
 
 def decode_shards(batch: dict[str, np.ndarray], storage: StorageOptions, max_pixels: int) -> dict[str, np.ndarray]:
     """Ray Data UDF of ``--decode tasks``: shard rows -> the same rows plus their decoded images.
 
-    ``payload`` holds the pickled list of :class:`DecodedImage` (uint8 pixels, never float).
+    ``payload`` holds the pickled list of :class:`FetchedImage` (uint8 pixels, never float).
     """
     payloads = [
-        pickle.dumps([decode_one(str(u), storage, max_pixels) for u in uris], protocol=5) for uris in batch["uris"]
+        pickle.dumps([fetch_image(str(u), storage, max_pixels) for u in uris], protocol=5) for uris in batch["uris"]
     ]
     return {"shard": batch["shard"], "uris": batch["uris"], "payload": np.array(payloads, dtype=object)}
 
@@ -103,32 +55,18 @@ def decode_shards(batch: dict[str, np.ndarray], storage: StorageOptions, max_pix
 class ShardAnnotator:
     """Ray Data actor UDF: shard rows in, one summary row per committed shard out.
 
-    The model is loaded once per actor. ``device`` is CUDA when the actor was given a GPU and
-    CPU otherwise.
+    The model is loaded once per actor (:func:`jobs._model.load_detector`: the driver's
+    checkpoint, hash checked, on the GPU when the actor was given one).
     """
 
-    def __init__(self, settings: WorkerSettings) -> None:
-        self.settings = settings
-        torch.set_num_threads(settings.torch_threads)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.detector = Detector(
-            settings.weights,
-            device=device,
-            scale=settings.scale,
-            score_threshold=settings.score_threshold,
-            nms_iou=settings.nms_iou,
-            top_k=settings.top_k,
-            keep_top_k=settings.keep_top_k,
-        )
-        if self.detector.weights.sha256 != settings.model_sha256:
-            # The driver checked one file; a worker resolving the same name to another file
-            # would silently mix two models in one dataset.
-            raise RuntimeError(
-                f"worker loaded checkpoint {self.detector.weights.uri} with sha256 {self.detector.weights.sha256}, "
-                f"the driver {settings.model_sha256}"
-            )
-        self.store = OutputStore(settings.output, settings.storage)
-        self.pool = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="decode")
+    def __init__(self, config: AnnotateConfig, run_id: str, model: ModelIdentity) -> None:
+        self.config = config
+        self.run_id = run_id
+        self.model = model
+        torch.set_num_threads(config.threads_per_actor)
+        self.detector = load_detector(config.detector, config.s3, model, config.num_gpus_per_actor)
+        self.store = OutputStore(config.output, config.s3)
+        self.pool = ThreadPoolExecutor(max(1, config.decode_threads), thread_name_prefix="decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         summaries = []
@@ -139,24 +77,25 @@ class ShardAnnotator:
             summaries.append(self._annotate_shard(str(shard_id), decoded))
         return {key: np.array([s[key] for s in summaries]) for key in summaries[0]}
 
-    def _decode_ahead(self, uris: list[str]) -> Iterator[DecodedImage]:
+    def _decode_ahead(self, uris: list[str]) -> Iterator[FetchedImage]:
         """Decoded images in input order, the pool working a bounded window ahead of the consumer."""
-        window = max(2 * self.settings.batch_size, 2 * self.settings.decode_threads)
+        c = self.config
+        window = max(2 * c.batch_size, 2 * c.decode_threads)
         futures: deque = deque()
         pending = iter(uris)
         for uri in pending:
-            futures.append(self.pool.submit(decode_one, uri, self.settings.storage, self.settings.max_pixels))
+            futures.append(self.pool.submit(fetch_image, uri, c.s3, c.max_pixels))
             if len(futures) >= window:
                 break
         while futures:
             yield futures.popleft().result()
             for uri in pending:
-                futures.append(self.pool.submit(decode_one, uri, self.settings.storage, self.settings.max_pixels))
+                futures.append(self.pool.submit(fetch_image, uri, c.s3, c.max_pixels))
                 break
 
-    def _annotate_shard(self, shard_id: str, decoded: Iterable[DecodedImage]) -> dict:
+    def _annotate_shard(self, shard_id: str, decoded: Iterable[FetchedImage]) -> dict:
         start = time.perf_counter()
-        images: list[DecodedImage] = []
+        images: list[FetchedImage] = []
         sizes: list[tuple[int, int] | None] = []
         faces: list[dict[str, np.ndarray] | None] = []
         detect_ms: list[float] = []
@@ -171,7 +110,7 @@ class ShardAnnotator:
             quality_ms.append(0.0)
             if item.image is not None:
                 batch.append(index)
-            if len(batch) == self.settings.batch_size:
+            if len(batch) == self.config.batch_size:
                 self._detect(batch, images, faces, detect_ms, quality_ms)
                 batch = []
         if batch:
@@ -191,7 +130,7 @@ class ShardAnnotator:
     def _detect(
         self,
         batch: list[int],
-        images: list[DecodedImage],
+        images: list[FetchedImage],
         faces: list,
         detect_ms: list[float],
         quality_ms: list[float],
@@ -210,13 +149,12 @@ class ShardAnnotator:
 
     def _table(
         self,
-        images: list[DecodedImage],
+        images: list[FetchedImage],
         sizes: list[tuple[int, int] | None],
         faces: list[dict[str, np.ndarray] | None],
         detect_ms: list[float],
         quality_ms: list[float],
     ) -> pa.Table:
-        s = self.settings
         n = len(images)
         counts = np.array([0 if f is None else len(f["score"]) for f in faces], dtype=np.int32)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
@@ -239,11 +177,11 @@ class ShardAnnotator:
             "width": [None if hw is None else hw[1] for hw in sizes],
             "height": [None if hw is None else hw[0] for hw in sizes],
             "num_faces": counts,
-            "model_name": [self.detector.weights.name] * n,
-            "model_version": [s.model_version] * n,
-            "model_sha256": [s.model_sha256] * n,
-            "input_scale": [s.scale] * n,
-            "run_id": [s.run_id] * n,
+            "model_name": [self.model.name] * n,
+            "model_version": [self.model.version] * n,
+            "model_sha256": [self.model.sha256] * n,
+            "input_scale": [self.config.detector.scale] * n,
+            "run_id": [self.run_id] * n,
             "read_ms": [i.read_ms for i in images],
             "decode_ms": [i.decode_ms for i in images],
             "detect_ms": detect_ms,

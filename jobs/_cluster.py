@@ -14,3 +14,18 @@ def pool_size(resources: dict[str, float], cpus_per_actor: float, gpus_per_actor
     if gpus_per_actor > 0:
         return max(1, int(resources.get("GPU", 0) // gpus_per_actor))
     return max(1, int(resources.get("CPU", 1) // cpus_per_actor))
+
+
+def init_ray(address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (``auto``, ``ray://…``, ``host:port``) or ``$RAY_ADDRESS``;
+    with neither, start a private local Ray.
+
+    A bare ``ray.init()`` would join whatever ``/tmp/ray/ray_current_cluster`` names, and wait
+    minutes on a cluster that no longer exists.
+    """
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")

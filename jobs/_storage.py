@@ -1,8 +1,8 @@
-"""Storage for the annotation job: fsspec filesystems, input listing and sharding, atomic commits.
+"""Storage for the annotation job: input listing and sharding, the output folder and its commits.
 
-Every URI the job handles goes through :func:`filesystem`, so S3 settings given as flags
-(endpoint, anonymous access, region) apply to the input, the manifest, the output and the
-checkpoint alike; settings not given come from the standard AWS environment and config files.
+Every URI goes through :func:`retinaface_core.storage.filesystem` with the job's
+:class:`StorageOptions`, so S3 settings given as flags reach the input, the manifest and the
+output (and, through the same options, the checkpoint and the registry).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from typing import Any
 
 import fsspec
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
-from retinaface_core.storage import write_atomic
+from retinaface_core.storage import StorageOptions, filesystem, full_uri, write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFEST_EXTENSIONS = (".txt", ".lst", ".csv", ".parquet")
@@ -28,41 +27,6 @@ MANIFEST_EXTENSIONS = (".txt", ".lst", ".csv", ".parquet")
 
 class JobError(RuntimeError):
     """A problem of the job itself (not of one image): reported before any work starts."""
-
-
-@dataclass(frozen=True)
-class StorageOptions:
-    """S3 settings from flags; ``None`` leaves the setting to the AWS environment/config."""
-
-    endpoint_url: str | None = None
-    anonymous: bool = False
-    region: str | None = None
-
-    def for_protocol(self, protocol: str) -> dict[str, Any]:
-        """fsspec keyword arguments for a filesystem of ``protocol``."""
-        if protocol not in ("s3", "s3a"):
-            return {}
-        options: dict[str, Any] = {"anon": self.anonymous}
-        client_kwargs: dict[str, Any] = {}
-        if self.endpoint_url:
-            options["endpoint_url"] = self.endpoint_url
-        if self.region:
-            client_kwargs["region_name"] = self.region
-        if client_kwargs:
-            options["client_kwargs"] = client_kwargs
-        return options
-
-
-def filesystem(uri: str, options: StorageOptions = StorageOptions()) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path within it) for a local path, ``file://`` or any fsspec URI."""
-    protocol = fsspec.utils.get_protocol(uri)
-    fs, path = fsspec.core.url_to_fs(uri, **options.for_protocol(protocol))
-    return fs, path.rstrip("/") if path not in ("/", "") else path
-
-
-def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """A path of ``fs`` as a URI any reader can open: ``s3://b/k``; local files stay plain paths."""
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
 def is_image_name(path: str) -> bool:
@@ -77,7 +41,7 @@ def _friendly(uri: str, exc: Exception) -> JobError:
     return JobError(f"{uri}: cannot be read ({type(exc).__name__}: {exc})")
 
 
-def list_input(uri: str, options: StorageOptions = StorageOptions()) -> list[str]:
+def list_input(uri: str, options: StorageOptions | None = None) -> list[str]:
     """The sorted, de-duplicated image URIs of a prefix (recursive) or of a manifest file.
 
     A manifest is a file whose name ends in .txt/.lst/.csv (one URI per line; blank lines and
@@ -145,7 +109,7 @@ class OutputStore:
 
     TABLE = "annotations"
 
-    def __init__(self, uri: str, options: StorageOptions = StorageOptions()) -> None:
+    def __init__(self, uri: str, options: StorageOptions | None = None) -> None:
         self.uri = uri.rstrip("/")
         self.fs, self.root = filesystem(self.uri, options)
 

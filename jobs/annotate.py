@@ -16,6 +16,7 @@ layout and the queries.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import sys
@@ -25,15 +26,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from retinaface_core import DetectorSettings, StorageOptions
 from retinaface_core.image_io import DEFAULT_MAX_PIXELS
-from retinaface_core.preprocessing import InputScale
-from retinaface_core.registry import RegistryError, resolve_model
-from retinaface_core.weights import CheckpointError, load_weights
 from schemas.annotation import SCHEMA_VERSION
 
-from ._cluster import pool_size
+from ._cluster import init_ray, pool_size
 from ._config import config_dict, format_config, parse_config
-from ._storage import JobError, OutputStore, Shard, StorageOptions, list_input, make_shards
+from ._model import ModelIdentity, resolve_model_identity
+from ._storage import JobError, OutputStore, Shard, list_input, make_shards
 
 
 @dataclass
@@ -43,13 +43,7 @@ class AnnotateConfig:
     input: str = field(metadata={"help": "URI prefix listed recursively for images, or a manifest (.txt/.lst/.csv one URI per line, or .parquet with a 'uri' column)"})
     output: str = field(metadata={"help": "output dataset URI (local path, file://, s3://, ...)"})
     images_per_shard: int = field(default=64, metadata={"help": "images per shard, the unit of work and of commit"})
-    weights: str | None = field(default=None, metadata={"help": "checkpoint name, path or URI (default: $RETINAFACE_WEIGHTS or mobilenet0.25-1mb)"})
-    model: str | None = field(default=None, metadata={"help": "model registry URI (its current version) or REGISTRY/vNNNN; the version is recorded in every row (instead of --weights)"})
-    scale: str = field(default="long:640", metadata={"help": "network input size: original, long:N or square:N"})
-    score_threshold: float = field(default=0.5, metadata={"help": "keep faces with score above this"})
-    nms_iou: float = field(default=0.4, metadata={"help": "NMS IoU threshold"})
-    top_k: int = field(default=5000, metadata={"help": "candidates per image before NMS"})
-    keep_top_k: int = field(default=750, metadata={"help": "faces kept per image after NMS"})
+    detector: DetectorSettings = field(default_factory=lambda: DetectorSettings(scale="long:640"), metadata={"flatten": ""})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "images with more pixels become error rows (decompression bombs)"})
     actors: int | None = field(default=None, metadata={"help": "detector actors (default: one per GPU with --num-gpus-per-actor, else one per --num-cpus-per-actor CPUs of the cluster)"})
     batch_size: int = field(default=8, metadata={"help": "images per forward pass"})
@@ -60,15 +54,9 @@ class AnnotateConfig:
     decode_cpus: float = field(default=0.5, metadata={"help": "CPUs per decode task (--decode tasks)"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads per actor (default: --num-cpus-per-actor, at least 1)"})
     overwrite: bool = field(default=False, metadata={"help": "delete previous results under --output and start over"})
-    s3_endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (default: $AWS_ENDPOINT_URL / AWS config)"})
-    s3_anonymous: bool = field(default=False, metadata={"help": "access S3 without credentials"})
-    s3_region: str | None = field(default=None, metadata={"help": "S3 region (default: AWS environment/config)"})
-    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)"})
+    s3: StorageOptions = field(default_factory=StorageOptions, metadata={"flatten": "s3_"})
+    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join: auto, host:port, ray://... (default: $RAY_ADDRESS, else a new local Ray)"})
     run_id: str | None = field(default=None, metadata={"help": "id recorded in every row of this run (default: time + random suffix)"})
-
-    @property
-    def storage(self) -> StorageOptions:
-        return StorageOptions(self.s3_endpoint_url, self.s3_anonymous, self.s3_region)
 
     @property
     def decode_mode(self) -> str:
@@ -76,51 +64,48 @@ class AnnotateConfig:
             return self.decode
         return "tasks" if self.num_gpus_per_actor > 0 else "actor"
 
+    @property
+    def threads_per_actor(self) -> int:
+        return self.torch_threads or max(1, round(self.num_cpus_per_actor))
 
-# Settings that change the content of a shard's rows: resuming into an output written with other
-# values would mix two kinds of results in one dataset.
-FINGERPRINT_KEYS = ("scale", "score_threshold", "nms_iou", "top_k", "keep_top_k", "max_pixels", "images_per_shard")
+    def fingerprint(self) -> dict:
+        """The settings that change the content of a shard's rows: resuming into an output written
+        with other values would mix two kinds of results in one dataset. Where the model came
+        from (a name, then its path) may differ; its sha256, recorded beside these, may not."""
+        detector = {k: v for k, v in dataclasses.asdict(self.detector).items() if k not in ("weights", "model")}
+        return {**detector, "max_pixels": self.max_pixels, "images_per_shard": self.images_per_shard}
 
 
 def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def prepare(config: AnnotateConfig, run_id: str) -> tuple[OutputStore, list[Shard], list[Shard], dict]:
-    """Every job-level check, before any Ray work: returns (store, all shards, shards to do, dataset info).
+def prepare(config: AnnotateConfig, run_id: str) -> tuple[OutputStore, list[Shard], list[Shard], dict, ModelIdentity]:
+    """Every job-level check, before any Ray work: returns (store, all shards, shards to do,
+    dataset info, the model every worker must load).
 
     Raises :class:`JobError` with a message naming the problem: bad settings, a checkpoint that
     cannot be found, an input that cannot be listed, an output that cannot be written, or an
     output written with other settings or from another input.
     """
-    try:
-        InputScale.parse(config.scale)
-    except ValueError as exc:
-        raise JobError(str(exc)) from exc
     if config.batch_size < 1 or (config.actors is not None and config.actors < 1):
         raise JobError("--batch-size and --actors must be >= 1")
     if config.num_cpus_per_actor <= 0 and config.num_gpus_per_actor <= 0:
         raise JobError("an actor needs --num-cpus-per-actor > 0 or --num-gpus-per-actor > 0")
-    if config.model and config.weights:
-        raise JobError("give --model (a registry) or --weights (a checkpoint), not both")
-    try:
-        checkpoint, version = resolve_model(config.model) if config.model else (config.weights, None)
-        weights = load_weights(checkpoint)
-    except (CheckpointError, RegistryError, FileNotFoundError, OSError) as exc:
-        raise JobError(f"model not available: {exc}") from exc
-    store = OutputStore(config.output, config.storage)
+    model, _ = resolve_model_identity(config.detector, config.s3)
+    store = OutputStore(config.output, config.s3)
     store.check_writable()
-    uris = list_input(config.input, config.storage)
+    uris = list_input(config.input, config.s3)
     shards = make_shards(uris, config.images_per_shard)
     if config.overwrite:
         store.clear()
     dataset = {
         "schema_version": SCHEMA_VERSION,
-        "model_name": weights.name,
-        "model_version": version,
-        "model_checkpoint": checkpoint,
-        "model_sha256": weights.sha256,
-        **{k: getattr(config, k) for k in FINGERPRINT_KEYS},
+        "model_name": model.name,
+        "model_version": model.version,
+        "model_checkpoint": model.checkpoint,
+        "model_sha256": model.sha256,
+        **config.fingerprint(),
     }
     stored = store.read_json("_dataset.json")
     previous = stored or dataset
@@ -146,40 +131,21 @@ def prepare(config: AnnotateConfig, run_id: str) -> tuple[OutputStore, list[Shar
         store.write_json("_dataset.json", dataset)
     store.write_json(f"_runs/{run_id}/config.json", {"run_id": run_id, **config_dict(config)})
     todo = [s for s in shards if s.id not in committed]
-    return store, shards, todo, dataset
+    return store, shards, todo, dataset, model
 
 
-def run_pipeline(config: AnnotateConfig, run_id: str, todo: list[Shard], dataset: dict) -> list[dict]:
+def run_pipeline(config: AnnotateConfig, run_id: str, todo: list[Shard], model: ModelIdentity) -> list[dict]:
     """Stream the shards through Ray Data; returns one summary dict per shard committed."""
     import ray
 
-    from ._annotator import ShardAnnotator, WorkerSettings, decode_shards
+    from ._annotator import ShardAnnotator, decode_shards
 
-    if not ray.is_initialized():
-        ray.init(address=config.ray_address)
-    settings = WorkerSettings(
-        output=config.output,
-        storage=config.storage,
-        run_id=run_id,
-        # Workers load what the driver resolved: a registry's current version could move mid-run.
-        weights=dataset["model_checkpoint"],
-        model_version=dataset["model_version"],
-        model_sha256=dataset["model_sha256"],
-        scale=config.scale,
-        score_threshold=config.score_threshold,
-        nms_iou=config.nms_iou,
-        top_k=config.top_k,
-        keep_top_k=config.keep_top_k,
-        batch_size=config.batch_size,
-        max_pixels=config.max_pixels,
-        decode_threads=config.decode_threads,
-        torch_threads=config.torch_threads or max(1, round(config.num_cpus_per_actor)),
-    )
+    init_ray(config.ray_address)
     # An actor without a shard to work on would only load a model.
     actors = min(
         len(todo), config.actors or pool_size(ray.cluster_resources(), config.num_cpus_per_actor, config.num_gpus_per_actor)
     )
-    print(f"detector actors: {actors}, torch threads per actor: {settings.torch_threads}, decode: {config.decode_mode}", flush=True)
+    print(f"detector actors: {actors}, torch threads per actor: {config.threads_per_actor}, decode: {config.decode_mode}", flush=True)
     # One block per shard, so that the actor pool hands shards out one at a time.
     ds = ray.data.from_items(
         [{"shard": s.id, "uris": list(s.uris)} for s in todo], override_num_blocks=len(todo)
@@ -187,14 +153,14 @@ def run_pipeline(config: AnnotateConfig, run_id: str, todo: list[Shard], dataset
     if config.decode_mode == "tasks":
         ds = ds.map_batches(
             decode_shards,
-            fn_kwargs={"storage": config.storage, "max_pixels": config.max_pixels},
+            fn_kwargs={"storage": config.s3, "max_pixels": config.max_pixels},
             batch_size=1,
             num_cpus=config.decode_cpus,
         )
     gpus = config.num_gpus_per_actor
     ds = ds.map_batches(
         ShardAnnotator,
-        fn_constructor_kwargs={"settings": settings},
+        fn_constructor_kwargs={"config": config, "run_id": run_id, "model": model},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=config.num_cpus_per_actor,
@@ -227,9 +193,9 @@ def run(config: AnnotateConfig) -> dict:
     run_id = config.run_id or new_run_id()
     print(f"annotate run {run_id}\n{format_config(config)}", flush=True)
     start = time.perf_counter()
-    store, shards, todo, dataset = prepare(config, run_id)
+    store, shards, todo, _, model = prepare(config, run_id)
     print(f"{len(shards)} shards, {len(shards) - len(todo)} already committed, {len(todo)} to do", flush=True)
-    results = run_pipeline(config, run_id, todo, dataset) if todo else []
+    results = run_pipeline(config, run_id, todo, model) if todo else []
     missing = {s.id for s in shards} - store.committed_shards()
     if missing:
         raise JobError(f"{len(missing)} shards were not committed: {sorted(missing)[:5]}...")

@@ -8,37 +8,20 @@
 3. prints a duckdb summary of the result.
 
 The checkpoint is found as usual (``$RETINAFACE_WEIGHTS_DIR``, the cache, or its upstream URL);
-``../shared/weights`` is used when present.
+``../shared/weights`` is used when present. Needs the ``demo`` extra (moto, scikit-image,
+duckdb), which ``make demo`` installs.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
+from ._local_s3 import LocalS3, s3_environment
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "demo-images"
-
-
-def start_s3() -> tuple[object, str]:
-    """An in-process S3 server; exports the endpoint and test credentials for every client."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ.update(
-        AWS_ENDPOINT_URL=endpoint,
-        AWS_ACCESS_KEY_ID="demo",
-        AWS_SECRET_ACCESS_KEY="demo",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_REGION="us-east-1",
-    )
-    return server, endpoint
 
 
 def fill_bucket(shared: Path | None) -> int:
@@ -86,11 +69,14 @@ def main() -> None:
     if shared is not None and (shared / "weights").is_dir():
         os.environ.setdefault("RETINAFACE_WEIGHTS_DIR", str(shared / "weights"))
 
-    server, endpoint = start_s3()
-    try:
+    with LocalS3() as s3:
+        endpoint = s3.endpoint
+        os.environ.update(s3_environment(endpoint))
         count = fill_bucket(shared)
         print(f"demo: S3 server at {endpoint}, bucket s3://{BUCKET}/ with {count} objects", flush=True)
         import ray
+
+        from retinaface_core import DetectorSettings
 
         from .annotate import AnnotateConfig, run
 
@@ -101,15 +87,13 @@ def main() -> None:
                 input=f"s3://{BUCKET}/",
                 output=str(args.output),
                 images_per_shard=8,
-                scale="long:640",
+                detector=DetectorSettings(scale="long:640"),
                 batch_size=4,
                 overwrite=True,
             )
         )
         ray.shutdown()
         print_summary(args.output)
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":

@@ -21,11 +21,23 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from retinaface_core.registry import ModelRegistry, ModelVersion, RegistryError, validation_record
+from retinaface_core.storage import StorageOptions
 from retinaface_core.training import ground_truth_from_dataset, model_checkpoint_bytes, open_wider_dataset, validate
-from retinaface_core.weights import load_weights
+from retinaface_core.weights import CheckpointError, load_weights
 from retinaface_core.widerface import LEVELS, read_ground_truth_mat
+
+from ._config import add_flags, flag_names, from_values
+
+
+@dataclass
+class RegistrySettings:
+    """The settings every registry command shares."""
+
+    registry: str = field(metadata={"help": "registry URI (local path, s3://..., any fsspec URI)"})
+    s3: StorageOptions = field(default_factory=StorageOptions, metadata={"flatten": "s3_"})
 
 
 def _format_ap(ap: dict[str, float] | None) -> str:
@@ -43,10 +55,12 @@ def _list(registry: ModelRegistry) -> None:
         print(f"{mark}{version:<9}{entry.created:<27}{_format_ap(entry.val_ap):<30}{entry.sha256[:12]}")
 
 
-def _register_checkpoint(registry: ModelRegistry, checkpoint: str, val: str, val_gt: str | None, scale: str) -> ModelVersion:
-    loaded = load_weights(checkpoint)
-    dataset = open_wider_dataset(val)
-    ground_truth = read_ground_truth_mat(val_gt) if val_gt else ground_truth_from_dataset(dataset)
+def _register_checkpoint(
+    registry: ModelRegistry, checkpoint: str, val: str, val_gt: str | None, scale: str, storage: StorageOptions
+) -> ModelVersion:
+    loaded = load_weights(checkpoint, storage=storage)
+    dataset = open_wider_dataset(val, storage=storage)
+    ground_truth = read_ground_truth_mat(val_gt, storage) if val_gt else ground_truth_from_dataset(dataset)
     ap = validate(loaded.model, loaded.config, dataset, ground_truth, scale=scale)
     return registry.register(
         model_checkpoint_bytes(loaded.model),
@@ -59,7 +73,7 @@ def _register_checkpoint(registry: ModelRegistry, checkpoint: str, val: str, val
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--registry", required=True, help="registry URI (local path, s3://..., any fsspec URI)")
+    add_flags(common, RegistrySettings)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", parents=[common], help="versions, their val AP; * marks the current one")
     show = commands.add_parser("show", parents=[common], help="one version's manifest")
@@ -78,9 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
-    registry = ModelRegistry(args.registry)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if "registry" not in args:
+        parser.error("the following arguments are required: --registry")
+    settings = from_values(RegistrySettings, {k: v for k, v in vars(args).items() if k in flag_names(RegistrySettings)})
+    registry = ModelRegistry(settings.registry, settings.s3)
     try:
         if args.command == "list":
             _list(registry)
@@ -105,10 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             target = registry.rollback(args.to)
             print(f"current: {target} (was {previous})")
         else:
-            entry = _register_checkpoint(registry, args.checkpoint, args.val, args.val_gt, args.val_scale)
+            entry = _register_checkpoint(registry, args.checkpoint, args.val, args.val_gt, args.val_scale, settings.s3)
             print(f"registered {entry.version}: val AP easy / medium / hard {_format_ap(entry.val_ap)}")
-    except RegistryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (RegistryError, CheckpointError, OSError) as exc:
+        print(f"registry: error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0
 

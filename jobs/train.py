@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from retinaface_core.augment import TrainAugment
 from retinaface_core.config import RetinaFaceConfig, get_config
 from retinaface_core.model import RetinaFace
 from retinaface_core.registry import ModelRegistry, resolve_model, validation_record
+from retinaface_core.storage import S3_PROTOCOLS, StorageOptions, filesystem
 from retinaface_core.training import (
     EpochStats,
     Schedule,
@@ -60,6 +60,7 @@ from retinaface_core.training import (
 from retinaface_core.weights import load_weights
 from retinaface_core.widerface import WiderValGroundTruth, read_ground_truth_mat
 
+from ._cluster import init_ray
 from ._config import config_dict, format_config, parse_config
 
 STATE_FILE = "train_state.pt"
@@ -101,8 +102,8 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in storage"})
     registry: str | None = field(default=None, metadata={"help": "model registry URI to register the final model in"})
     promote: bool = field(default=False, metadata={"help": "promote the registered model if its val AP is not lower on any level"})
-    s3_endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint for --storage (default: $AWS_ENDPOINT_URL / AWS config)"})
-    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)"})
+    s3: StorageOptions = field(default_factory=StorageOptions, metadata={"flatten": "s3_"})
+    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join: auto, host:port, ray://... (default: $RAY_ADDRESS, else a new local Ray)"})
 
     def __post_init__(self) -> None:
         if self.name is None:
@@ -113,8 +114,8 @@ def _initial_model(cfg: TrainConfig) -> tuple[RetinaFace, RetinaFaceConfig]:
     if cfg.init == "scratch":
         config = get_config(cfg.arch or "mobilenet0.25-1mb")
         return RetinaFace(config), config
-    checkpoint, _ = resolve_model(cfg.init)
-    loaded = load_weights(checkpoint, config=cfg.arch)
+    checkpoint, _ = resolve_model(cfg.init, cfg.s3)
+    loaded = load_weights(checkpoint, config=cfg.arch, storage=cfg.s3)
     return loaded.model, loaded.config
 
 
@@ -123,8 +124,11 @@ def _unwrap(model: torch.nn.Module) -> RetinaFace:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """The per-worker training loop that ``TorchTrainer`` runs (rank 0 also validates and checkpoints)."""
-    cfg = TrainConfig(**loop_config)
+    """The per-worker training loop that ``TorchTrainer`` runs (rank 0 also validates and checkpoints).
+
+    ``loop_config["train"]`` is the run's :class:`TrainConfig`.
+    """
+    cfg: TrainConfig = loop_config["train"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -134,7 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model.train()
     size = cfg.train_size or config.train_size
     dataset = WiderTrainDataset(
-        open_wider_dataset(cfg.train),
+        open_wider_dataset(cfg.train, storage=cfg.s3),
         TrainAugment(
             size=size,
             mean_bgr=config.mean_bgr,
@@ -210,8 +214,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _validation_data(cfg: TrainConfig) -> tuple[WiderDataset, WiderValGroundTruth]:
-    dataset = open_wider_dataset(cfg.val)
-    ground_truth = read_ground_truth_mat(cfg.val_gt) if cfg.val_gt else ground_truth_from_dataset(dataset)
+    dataset = open_wider_dataset(cfg.val, storage=cfg.s3)
+    ground_truth = read_ground_truth_mat(cfg.val_gt, cfg.s3) if cfg.val_gt else ground_truth_from_dataset(dataset)
     return dataset, ground_truth
 
 
@@ -263,17 +267,20 @@ def _write_checkpoint(
 def storage_filesystem(cfg: TrainConfig) -> tuple[str | None, pyarrow.fs.FileSystem | None]:
     """(storage_path, storage_filesystem) for Ray's RunConfig from ``--storage``.
 
-    S3 with an explicit endpoint gets a configured pyarrow S3 filesystem; other URIs pyarrow
-    does not know (memory://, any fsspec-only protocol) go through fsspec.
+    S3 with any ``--s3-*`` setting gets a pyarrow S3 filesystem configured with them; other URIs
+    pyarrow does not know (memory://, any fsspec-only protocol) go through fsspec.
     """
     if cfg.storage is None:
         return None, None
     protocol = fsspec.utils.get_protocol(cfg.storage)
-    if protocol in ("s3", "s3a") and cfg.s3_endpoint_url:
-        return cfg.storage.split("://", 1)[1], pyarrow.fs.S3FileSystem(endpoint_override=cfg.s3_endpoint_url)
-    if protocol in ("file", "local", "s3", "s3a", "gs", "gcs", "hdfs", "abfs", "abfss"):
+    if protocol in S3_PROTOCOLS and cfg.s3 != StorageOptions():
+        fs = pyarrow.fs.S3FileSystem(
+            endpoint_override=cfg.s3.endpoint_url, anonymous=cfg.s3.anonymous, region=cfg.s3.region
+        )
+        return cfg.storage.split("://", 1)[1], fs
+    if protocol in ("file", "local", *S3_PROTOCOLS, "gs", "gcs", "hdfs", "abfs", "abfss"):
         return cfg.storage, None
-    fs, path = fsspec.core.url_to_fs(cfg.storage)
+    fs, path = filesystem(cfg.storage, cfg.s3)
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
@@ -282,7 +289,7 @@ def build_trainer(cfg: TrainConfig, train_loop: Callable[[dict[str, Any]], None]
     storage_path, storage_fs = storage_filesystem(cfg)
     return TorchTrainer(
         train_loop,
-        train_loop_config=config_dict(cfg),
+        train_loop_config={"train": cfg},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
@@ -304,7 +311,7 @@ def register_result(cfg: TrainConfig, checkpoint: Checkpoint) -> dict[str, Any]:
         metrics = json.loads((Path(folder) / "metrics.json").read_text())
     if "val_ap" in metrics:
         metrics["val"] = validation_record(metrics["val_ap"], val=cfg.val, val_gt=cfg.val_gt, scale=cfg.val_scale)
-    registry = ModelRegistry(cfg.registry)
+    registry = ModelRegistry(cfg.registry, cfg.s3)
     entry = registry.register(
         model_bytes,
         config=stored,
@@ -332,8 +339,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(TrainConfig, argv)
     print("jobs.train settings:\n" + format_config(cfg), flush=True)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+    init_ray(cfg.ray_address)
     summary = run(cfg)
     print(json.dumps(summary, indent=2, default=str), flush=True)
     return 0

@@ -4,10 +4,11 @@ Pure PyTorch, numpy and OpenCV; nothing here imports Ray.
 """
 
 from .config import CONFIGS, RetinaFaceConfig, get_config
-from .detector import Detector
+from .detector import Detector, DetectorSettings
 from .model import RetinaFace, RetinaFaceOutput
 from .postprocessing import Detections
 from .preprocessing import InputScale, InvalidImageError
+from .storage import StorageOptions
 from .weights import PRETRAINED, CheckpointError, load_weights
 
 __all__ = [
@@ -16,11 +17,13 @@ __all__ = [
     "CheckpointError",
     "Detections",
     "Detector",
+    "DetectorSettings",
     "InputScale",
     "InvalidImageError",
     "RetinaFace",
     "RetinaFaceConfig",
     "RetinaFaceOutput",
+    "StorageOptions",
     "get_config",
     "load_weights",
 ]

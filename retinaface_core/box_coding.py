@@ -1,14 +1,49 @@
-"""SSD-style box and landmark coding against anchors, with variances.
+"""Box formats and SSD-style box and landmark coding against anchors, with variances.
 
-Conventions: anchors are (cx, cy, w, h) and boxes (x1, y1, x2, y2), all in coordinates
-normalised by the network input's width and height. Landmarks are five (x, y) points.
-Leading dimensions broadcast, so (B, A, 4) offsets decode against (A, 4) anchors.
+Conventions of the coding: anchors are (cx, cy, w, h) and boxes (x1, y1, x2, y2), all in
+coordinates normalised by the network input's width and height. Landmarks are five (x, y)
+points. Leading dimensions broadcast, so (B, A, 4) offsets decode against (A, 4) anchors.
 """
 
 from __future__ import annotations
 
+from typing import Literal, TypeVar
+
+import numpy as np
 import torch
 from torch import Tensor
+
+BoxFormat = Literal["xyxy", "xywh", "cxcywh"]
+Boxes = TypeVar("Boxes", np.ndarray, Tensor)
+
+
+def box_convert(boxes: Boxes, in_fmt: BoxFormat, out_fmt: BoxFormat) -> Boxes:
+    """(..., 4) boxes from one format to another, like torchvision's ``box_convert``.
+
+    ``xyxy``: corners (x1, y1, x2, y2); ``xywh``: top-left corner and size (WIDER FACE's
+    files); ``cxcywh``: centre and size (anchors). Works on numpy arrays and tensors alike and
+    keeps their dtype, so convert float32 boxes to float64 first where the sum must be exact.
+    """
+    cat = np.concatenate if isinstance(boxes, np.ndarray) else torch.cat
+    a, b = boxes[..., :2], boxes[..., 2:]
+    if in_fmt == out_fmt:
+        return boxes
+    if in_fmt == "xywh":
+        xyxy = cat([a, a + b], -1)
+    elif in_fmt == "cxcywh":
+        xyxy = cat([a - b / 2, a + b / 2], -1)
+    elif in_fmt == "xyxy":
+        xyxy = boxes
+    else:
+        raise ValueError(f"unknown box format {in_fmt!r}")
+    a, b = xyxy[..., :2], xyxy[..., 2:]
+    if out_fmt == "xyxy":
+        return xyxy
+    if out_fmt == "xywh":
+        return cat([a, b - a], -1)
+    if out_fmt == "cxcywh":
+        return cat([(a + b) / 2, b - a], -1)
+    raise ValueError(f"unknown box format {out_fmt!r}")
 
 
 def decode_boxes(offsets: Tensor, priors: Tensor, variances: tuple[float, float]) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,8 +14,49 @@ from .config import RetinaFaceConfig
 from .model import RetinaFaceOutput, optimize_for_inference
 from .postprocessing import Detections, decode_candidates, select
 from .preprocessing import InputScale, group_batch, to_network_input
+from .registry import ResolvedModel, resolve_model
 from .runtime import bound_kernel_caches, keep_freed_memory
+from .storage import StorageOptions
 from .weights import LoadedWeights, load_weights
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """Which model a :class:`Detector` runs and how; every job embeds one (its flags, its YAML).
+
+    ``weights`` is a checkpoint (name, path or URI) and ``model`` a model registry (its current
+    version) or one of its versions (``REGISTRY/v0003``); give at most one. The rest are the
+    :class:`Detector` arguments of the same names. Invalid values raise ``ValueError``.
+    """
+
+    weights: str | None = field(default=None, metadata={"help": "checkpoint name, path or URI (default: $RETINAFACE_WEIGHTS or mobilenet0.25-1mb)"})
+    model: str | None = field(default=None, metadata={"help": "model registry URI (its current version) or REGISTRY/vNNNN, instead of --weights; the version is recorded"})
+    model_config: str | None = field(default=None, metadata={"help": "architecture/anchor config name, for a checkpoint that is neither published nor made by jobs.train"})
+    scale: str = field(default="original", metadata={"help": "network input size: original, long:N or square:N"})
+    score_threshold: float = field(default=0.5, metadata={"help": "keep faces with score above this"})
+    nms_iou: float = field(default=0.4, metadata={"help": "NMS IoU threshold"})
+    top_k: int = field(default=5000, metadata={"help": "candidates per image before NMS"})
+    keep_top_k: int = field(default=750, metadata={"help": "faces kept per image after NMS"})
+    pad_multiple: int = field(default=1, metadata={"help": "pad network inputs to a multiple of this so near-equal sizes share a forward pass (1: exact size, reference parity)"})
+    clip: bool = field(default=False, metadata={"help": "clip boxes and landmarks to the image"})
+
+    def __post_init__(self) -> None:
+        InputScale.parse(self.scale)
+        if self.weights and self.model:
+            raise ValueError("give a model registry (model) or a checkpoint (weights), not both")
+        if not 0 <= self.score_threshold <= 1 or not 0 < self.nms_iou <= 1:
+            raise ValueError(f"score_threshold must be in [0, 1] and nms_iou in (0, 1], got {self.score_threshold}, {self.nms_iou}")
+        if min(self.top_k, self.keep_top_k, self.pad_multiple) < 1:
+            raise ValueError("top_k, keep_top_k and pad_multiple must be >= 1")
+
+    def resolve(self, storage: StorageOptions | None = None) -> ResolvedModel:
+        """The checkpoint to load and its registry version (None unless it came from a registry).
+
+        ``weights`` naming a registry resolves like ``model``, as :func:`registry.resolve_model`
+        passes checkpoints through unchanged.
+        """
+        source = self.model or self.weights
+        return resolve_model(source, storage) if source else ResolvedModel(None, None)
 
 
 class Detector:
@@ -77,6 +119,35 @@ class Detector:
                 keep_freed_memory()
                 bound_kernel_caches()
         self.network = torch.compile(network, options={"freezing": True}) if compile else network
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: DetectorSettings,
+        *,
+        device: str | torch.device = "cpu",
+        storage: StorageOptions | None = None,
+        weights: LoadedWeights | None = None,
+        optimize: bool = True,
+        compile: bool = False,
+    ) -> Detector:
+        """The detector ``settings`` describe; ``weights`` already loaded skips resolving them again."""
+        if weights is None:
+            checkpoint, _ = settings.resolve(storage)
+            weights = load_weights(checkpoint, config=settings.model_config, storage=storage)
+        return cls(
+            weights,
+            device=device,
+            scale=settings.scale,
+            score_threshold=settings.score_threshold,
+            nms_iou=settings.nms_iou,
+            top_k=settings.top_k,
+            keep_top_k=settings.keep_top_k,
+            clip=settings.clip,
+            pad_multiple=settings.pad_multiple,
+            optimize=optimize,
+            compile=compile,
+        )
 
     def forward(self, pixels: np.ndarray) -> RetinaFaceOutput:
         """Raw network outputs for (n, H, W, 3) uint8 BGR pixels."""

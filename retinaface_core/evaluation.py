@@ -35,15 +35,15 @@ Predictions for images not in the ground truth raise ValueError.
 
 from __future__ import annotations
 
-import posixpath
+import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
-from fsspec.core import url_to_fs
 
-from retinaface_core.widerface import LEVELS, WiderFormatError, WiderValGroundTruth
+from .box_coding import box_convert
+from .storage import StorageOptions, write_file
+from .widerface import LEVELS, WiderValGroundTruth, as_submission_rows
 
 _NUM_THRESHOLDS = 1000
 # Same float expression as the port, 1 - (t + 1) / 1000, so the comparisons
@@ -94,7 +94,7 @@ def evaluate(
     unknown = predictions.keys() - gt.boxes.keys()
     if unknown:
         raise ValueError(f"predictions for {len(unknown)} images not in the ground truth, e.g. {sorted(unknown)[:3]}")
-    normalized = normalize_scores({name: _as_predictions(name, boxes) for name, boxes in predictions.items()})
+    normalized = normalize_scores({name: as_submission_rows(name, boxes) for name, boxes in predictions.items()})
     names = [name for name in gt.names if name in normalized] if subset else gt.names
 
     pr_counts = {level: np.zeros((_NUM_THRESHOLDS, 2), dtype=np.int64) for level in LEVELS}
@@ -166,7 +166,7 @@ def match_predictions(pred_xywh: np.ndarray, gt_xywh: np.ndarray, iou_threshold:
     >= ``iou_threshold``, whether or not another prediction took it already.
     Returns int64 (N,).
     """
-    iou = box_iou_plus_one(_xywh_to_xyxy(pred_xywh), _xywh_to_xyxy(gt_xywh))
+    iou = box_iou_plus_one(box_convert(pred_xywh.astype(np.float64), "xywh", "xyxy"), box_convert(gt_xywh.astype(np.float64), "xywh", "xyxy"))
     best = iou.argmax(axis=1)
     return np.where(iou[np.arange(len(iou)), best] >= iou_threshold, best, -1)
 
@@ -181,54 +181,6 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
 
 
-def write_predictions(predictions: Mapping[str, np.ndarray], root_uri: str) -> None:
-    """Write the official submission layout: ``ROOT/EVENT/NAME.txt`` per image.
-
-    Each file holds the image name (``NAME``, as Pytorch_Retinaface writes
-    it), the number of boxes, then one ``x y w h score`` line per box, with
-    values written exactly (shortest repr of the float64).
-    """
-    fs, root = url_to_fs(root_uri)
-    files = {}
-    for name, boxes in predictions.items():
-        boxes = _as_predictions(name, boxes)
-        lines = [posixpath.basename(name), str(len(boxes))] + [" ".join(map(repr, row)) for row in boxes.tolist()]
-        files[posixpath.join(root, f"{name}.txt")] = "".join(line + "\n" for line in lines).encode()
-    for parent in {posixpath.dirname(path) for path in files}:
-        fs.makedirs(parent, exist_ok=True)
-    fs.pipe(files)
-
-
-def read_predictions(root_uri: str) -> dict[str, np.ndarray]:
-    """Read every ``*.txt`` under ``root_uri`` in the submission layout.
-
-    Returns per ``"EVENT/NAME"`` (the path relative to the root, without
-    ``.txt``) a float64 (N, 5) array ``x, y, w, h, score``. The first line
-    must name the file's image (``NAME``, ``NAME.jpg`` or a path ending in
-    one of them); the second is the number of box lines that follow.
-    """
-    fs, root = url_to_fs(root_uri)
-    root = root.rstrip("/")
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"no prediction directory at {root_uri}")
-    paths = [path for path in fs.find(root) if path.endswith(".txt")]
-    contents = fs.cat(paths) if paths else {}
-    return {
-        path[len(root) + 1 : -len(".txt")]: _parse_prediction_file(fs.unstrip_protocol(path), data)
-        for path, data in sorted(contents.items())
-    }
-
-
-def submission_rows(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Detector output -> the protocol's rows: (N, 4) x1, y1, x2, y2 and (N,) scores to float64
-    (N, 5) ``x, y, w, h, score``, order kept."""
-    rows = np.empty((len(scores), 5), dtype=np.float64)
-    rows[:, :2] = boxes[:, :2]
-    rows[:, 2:4] = boxes[:, 2:] - boxes[:, :2]
-    rows[:, 4] = scores
-    return rows
-
-
 def format_ap_table(result: EvaluationResult) -> str:
     """A Markdown table of AP and face count per level."""
     rows = ["| level | AP | faces |", "| --- | ---: | ---: |"]
@@ -237,7 +189,7 @@ def format_ap_table(result: EvaluationResult) -> str:
     return "\n".join(rows)
 
 
-def plot_pr_curves(result: EvaluationResult, path_or_uri: str) -> None:
+def plot_pr_curves(result: EvaluationResult, path_or_uri: str, storage: StorageOptions | None = None) -> None:
     """Write a PNG with the precision-recall curve of each level (needs matplotlib)."""
     try:
         from matplotlib.figure import Figure
@@ -252,25 +204,9 @@ def plot_pr_curves(result: EvaluationResult, path_or_uri: str) -> None:
     axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01), title="WIDER FACE val")
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower left")
-    with fsspec.open(path_or_uri, "wb") as f:
-        figure.savefig(f, format="png", dpi=100)
-
-
-def _as_predictions(name: str, boxes: np.ndarray) -> np.ndarray:
-    boxes = np.asarray(boxes, dtype=np.float64)
-    if boxes.size == 0:
-        return boxes.reshape(0, 5)
-    if boxes.ndim != 2 or boxes.shape[1] != 5:
-        raise ValueError(f"{name}: predictions must be (N, 5) x, y, w, h, score, got shape {boxes.shape}")
-    if not np.all(np.isfinite(boxes)):
-        raise ValueError(f"{name}: predictions must be finite")
-    return boxes
-
-
-def _xywh_to_xyxy(xywh: np.ndarray) -> np.ndarray:
-    xyxy = xywh.astype(np.float64).copy()
-    xyxy[:, 2:] += xyxy[:, :2]
-    return xyxy
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    write_file(path_or_uri, png.getvalue(), storage)
 
 
 def _last_index_per_threshold(scores: np.ndarray) -> np.ndarray:
@@ -301,35 +237,3 @@ def _image_pr_counts(last_index: np.ndarray, matched: np.ndarray, counts: np.nda
     index = np.maximum(last_index, 0)
     counted = last_index >= 0
     return np.stack([np.where(counted, proposals[index], 0), np.where(counted, true_positives[index], 0)], axis=1)
-
-
-def _parse_prediction_file(uri: str, data: bytes) -> np.ndarray:
-    lines = [(number, line.strip()) for number, line in enumerate(data.decode("utf-8").splitlines(), start=1)]
-    lines = [(number, text) for number, text in lines if text]
-    stem = posixpath.basename(uri)[: -len(".txt")]
-    if not lines:
-        raise WiderFormatError(uri, 1, f"empty file, the first line must name the image {stem!r}")
-    if posixpath.basename(lines[0][1]).removesuffix(".jpg") != stem:
-        raise WiderFormatError(uri, lines[0][0], f"first line must name the image {stem!r}, got {lines[0][1]!r}")
-    if len(lines) < 2:
-        raise WiderFormatError(uri, lines[0][0], "missing box count line")
-    count_line, count_text = lines[1]
-    try:
-        count = int(count_text)
-    except ValueError:
-        raise WiderFormatError(uri, count_line, f"box count must be an integer, got {count_text!r}") from None
-    box_lines = lines[2:]
-    if count != len(box_lines):
-        raise WiderFormatError(uri, count_line, f"box count says {count}, {len(box_lines)} box lines follow")
-    boxes = np.empty((count, 5), dtype=np.float64)
-    for row, (number, text) in enumerate(box_lines):
-        fields = text.split()
-        if len(fields) != 5:
-            raise WiderFormatError(uri, number, f"expected 5 numbers x y w h score, got {len(fields)} fields")
-        try:
-            boxes[row] = [float(field) for field in fields]
-        except ValueError:
-            raise WiderFormatError(uri, number, f"non-numeric field in {text!r}") from None
-        if not np.all(np.isfinite(boxes[row])):
-            raise WiderFormatError(uri, number, f"non-finite value in {text!r}")
-    return boxes

@@ -9,13 +9,16 @@ the image as a viewer displays it and every coordinate computed on them refers t
 from __future__ import annotations
 
 import io
+import time
 import warnings
+from dataclasses import dataclass
 
 import cv2
-import fsspec
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .storage import StorageOptions, filesystem
 
 DEFAULT_MAX_PIXELS = 100_000_000
 
@@ -51,12 +54,6 @@ def _open(data: bytes, name: str) -> Image.Image:
         raise ImageDecodeError(f"{name}: {exc}", "too_large") from exc
     except Exception as exc:
         raise ImageDecodeError(f"{name}: unreadable image header ({exc})", "corrupt") from exc
-
-
-def image_size(data: bytes, name: str) -> tuple[int, int]:
-    """(width, height) from the header alone, without decoding the pixels."""
-    with _open(data, name) as im:
-        return im.size
 
 
 def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
@@ -125,14 +122,11 @@ def _bgr_array(rgb: Image.Image) -> np.ndarray:
     return cv2.cvtColor(rgbx.reshape(height, width, 4), cv2.COLOR_RGBA2BGR)
 
 
-def read_bytes(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> bytes:
-    """All bytes of the object at ``uri``, through ``fs`` when given (a filesystem that can open
-    it, e.g. with S3 settings); missing and forbidden objects raise :class:`ImageDecodeError`."""
+def read_bytes(uri: str, storage: StorageOptions | None = None) -> bytes:
+    """All bytes of the object at ``uri``; missing and forbidden objects raise :class:`ImageDecodeError`."""
     try:
-        if fs is None:
-            with fsspec.open(uri, "rb") as f:
-                return f.read()
-        return fs.cat_file(fs._strip_protocol(uri))
+        fs, path = filesystem(uri, storage)
+        return fs.cat_file(path)
     except FileNotFoundError as exc:
         raise ImageDecodeError(f"{uri}: no such object", "not_found") from exc
     except PermissionError as exc:
@@ -143,6 +137,40 @@ def read_bytes(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> bytes:
         raise ImageDecodeError(f"{uri}: unreadable ({exc})", "unreadable") from exc
 
 
-def read_image(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, storage: StorageOptions | None = None) -> np.ndarray:
     """Read and decode an image from a local path or any fsspec URI."""
-    return decode_image(read_bytes(uri), uri, max_pixels)
+    return decode_image(read_bytes(uri, storage), uri, max_pixels)
+
+
+@dataclass
+class FetchedImage:
+    """One image after reading and decoding: pixels (H, W, 3) uint8 BGR, or why there are none."""
+
+    uri: str
+    image: np.ndarray | None
+    error_kind: str | None
+    error: str | None
+    read_ms: float
+    decode_ms: float
+
+
+def fetch_image(uri: str, storage: StorageOptions | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> FetchedImage:
+    """Read and decode one object, timing both; every per-image failure is returned, never raised.
+
+    ``error_kind`` is an :class:`ImageDecodeError` kind, or ``unreadable`` for any other failure
+    of this one object (a batch job must not lose its other images to it).
+    """
+    start = time.perf_counter()
+    read_done = None
+    try:
+        data = read_bytes(uri, storage)
+        read_done = time.perf_counter()
+        image = decode_image(data, uri, max_pixels)
+        error_kind = error = None
+    except ImageDecodeError as exc:
+        image, error_kind, error = None, exc.kind, str(exc)
+    except Exception as exc:
+        image, error_kind, error = None, "unreadable", f"{uri}: {type(exc).__name__}: {exc}"
+    end = time.perf_counter()
+    read_done = read_done or end
+    return FetchedImage(uri, image, error_kind, error, (read_done - start) * 1e3, (end - read_done) * 1e3)

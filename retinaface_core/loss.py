@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .box_coding import encode_boxes, encode_landmarks
+from .box_coding import box_convert, encode_boxes, encode_landmarks
 from .model import RetinaFaceOutput
 
 # Matching builds a (B, G, A) IoU tensor; above this many elements it runs a few images at a
@@ -72,11 +72,6 @@ class LossComponents(NamedTuple):
     num_pos: Tensor
 
 
-def point_form(priors: Tensor) -> Tensor:
-    """(..., 4) anchors (cx, cy, w, h) -> (..., 4) boxes (x1, y1, x2, y2)."""
-    return torch.cat([priors[..., :2] - priors[..., 2:] / 2, priors[..., :2] + priors[..., 2:] / 2], dim=-1)
-
-
 def box_iou(boxes: Tensor, others: Tensor) -> Tensor:
     """IoU of (..., N, 4) boxes against (M, 4) boxes, both (x1, y1, x2, y2): (..., N, M).
 
@@ -118,7 +113,7 @@ def match_anchors(
         return AnchorMatch(zeros, zeros.bool())
     chunk = max(1, _MATCH_CHUNK_ELEMENTS // (faces * num_anchors))
     parts = [
-        _match_chunk(boxes[i : i + chunk], valid[i : i + chunk], point_form(priors), iou_threshold, force_min_iou)
+        _match_chunk(boxes[i : i + chunk], valid[i : i + chunk], box_convert(priors, "cxcywh", "xyxy"), iou_threshold, force_min_iou)
         for i in range(0, batch, chunk)
     ]
     return AnchorMatch(torch.cat([p.gt_index for p in parts]), torch.cat([p.positive for p in parts]))

@@ -28,9 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import fsspec
-
-from .storage import write_atomic
+from .storage import StorageOptions, filesystem, write_atomic
 from .widerface import LEVELS
 
 MODEL_FILE = "model.pth"
@@ -94,10 +92,9 @@ def version_name(number: int) -> str:
 class ModelRegistry:
     """The registry rooted at ``uri`` (created on first registration)."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, storage: StorageOptions | None = None) -> None:
         self.uri = uri.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
-        self.root = self.root.rstrip("/")
+        self.fs, self.root = filesystem(self.uri, storage)
 
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -257,7 +254,7 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def resolve_model(uri: str) -> ResolvedModel:
+def resolve_model(uri: str, storage: StorageOptions | None = None) -> ResolvedModel:
     """Turn a ``--model`` value into a checkpoint to load.
 
     - a registry root (holds ``current.json``): its current version's ``model.pth``;
@@ -270,14 +267,14 @@ def resolve_model(uri: str) -> ResolvedModel:
     stripped = uri.rstrip("/")
     if "/" not in stripped and "://" not in stripped and not os.path.exists(stripped):
         return ResolvedModel(uri, None)
-    fs, path = fsspec.core.url_to_fs(stripped)
-    name = posixpath.basename(path.rstrip("/"))
+    fs, path = filesystem(stripped, storage)
+    name = posixpath.basename(path)
     if _VERSION.match(name):
-        parent = ModelRegistry(posixpath.dirname(stripped))
+        parent = ModelRegistry(posixpath.dirname(stripped), storage)
         if _is_registry(parent):
             return ResolvedModel(parent.get(name).checkpoint_uri, name)
     if fs.isdir(path):
-        registry = ModelRegistry(stripped)
+        registry = ModelRegistry(stripped, storage)
         if _is_registry(registry):
             current = registry.current()
             if current is None:

@@ -16,23 +16,24 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .anchors import cached_priors
+from .box_coding import box_convert
 from .augment import Faces, TrainAugment
 from .config import RetinaFaceConfig
 from .detector import Detector
-from .evaluation import evaluate, submission_rows
-from .image_io import read_image
+from .evaluation import evaluate
+from .image_io import DEFAULT_MAX_PIXELS, read_image
 from .loss import FaceTargets, LossComponents, multibox_loss
 from .model import RetinaFace
 from .preprocessing import to_network_input
 from .weights import LoadedWeights
-from .widerface import LEVELS, WiderImage, WiderValGroundTruth, read_bbx_gt, read_label_txt
+from .storage import StorageOptions, filesystem
+from .widerface import LEVELS, WiderImage, WiderValGroundTruth, read_bbx_gt, read_label_txt, submission_rows
 
 
 @dataclass(frozen=True)
@@ -43,19 +44,24 @@ class WiderDataset:
     annotation_uri: str
     images_root: str
     images: list[WiderImage]
+    storage: StorageOptions = field(default_factory=StorageOptions)
 
     def image_uri(self, image: WiderImage) -> str:
         return posixpath.join(self.images_root, image.name)
 
+    def read_image(self, image: WiderImage) -> np.ndarray:
+        """The (H, W, 3) uint8 BGR pixels of one of the dataset's images."""
+        return read_image(self.image_uri(image), DEFAULT_MAX_PIXELS, self.storage)
 
-def open_wider_dataset(uri: str, images_root: str | None = None) -> WiderDataset:
+
+def open_wider_dataset(uri: str, images_root: str | None = None, storage: StorageOptions | None = None) -> WiderDataset:
     """Read a WIDER-format dataset's annotations (see the module docstring for the layout).
 
     ``images_root`` overrides where the images are (the official release keeps its split files
     in ``wider_face_split/`` apart from ``WIDER_val/images/``).
     """
-    fs, path = fsspec.core.url_to_fs(uri)
-    path = path.rstrip("/")
+    storage = storage or StorageOptions()
+    fs, path = filesystem(uri, storage)
     if fs.isfile(path):
         annotation = path
     else:
@@ -66,11 +72,11 @@ def open_wider_dataset(uri: str, images_root: str | None = None) -> WiderDataset
         annotation = found[0]
     annotation_uri = fs.unstrip_protocol(annotation) if "://" in uri else annotation
     if annotation.endswith("label.txt"):
-        images = read_label_txt(annotation_uri, degenerate="drop")
+        images = read_label_txt(annotation_uri, degenerate="drop", storage=storage)
     else:
-        images = read_bbx_gt(annotation_uri, degenerate="drop")
+        images = read_bbx_gt(annotation_uri, degenerate="drop", storage=storage)
     images_root = images_root or posixpath.join(posixpath.dirname(annotation_uri), "images")
-    return WiderDataset(uri, annotation_uri, images_root.rstrip("/"), images)
+    return WiderDataset(uri, annotation_uri, images_root.rstrip("/"), images, storage)
 
 
 class WiderTrainDataset(Dataset):
@@ -98,7 +104,7 @@ class WiderTrainDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Faces]:
         annotation = self.images[index]
-        image = read_image(self.dataset.image_uri(annotation))
+        image = self.dataset.read_image(annotation)
         faces = Faces(annotation.boxes, annotation.landmarks, annotation.has_landmarks)
         rng = np.random.default_rng([self.seed, self.epoch, index])
         pixels, faces = self.augment(image, faces, rng)
@@ -262,9 +268,7 @@ def ground_truth_from_dataset(dataset: WiderDataset) -> WiderValGroundTruth:
     """
     boxes = {}
     for image in dataset.images:
-        xywh = image.boxes.astype(np.float64).copy()
-        xywh[:, 2:] -= xywh[:, :2]
-        boxes[_evaluation_name(image.name)] = xywh
+        boxes[_evaluation_name(image.name)] = box_convert(image.boxes.astype(np.float64), "xyxy", "xywh")
     counts = {level: {name: np.ones(len(b), bool) for name, b in boxes.items()} for level in LEVELS}
     return WiderValGroundTruth(boxes=boxes, counts=counts)
 
@@ -293,7 +297,7 @@ def validate(
     detector = Detector(loaded, device=device, scale=scale, score_threshold=score_threshold)
     predictions: dict[str, np.ndarray] = {}
     with ThreadPoolExecutor(read_threads) as pool:
-        decoded = pool.map(lambda image: read_image(dataset.image_uri(image)), dataset.images)
+        decoded = pool.map(dataset.read_image, dataset.images)
         for annotation, pixels in zip(dataset.images, decoded):
             found = detector.detect([pixels])[0]
             predictions[_evaluation_name(annotation.name)] = submission_rows(found.boxes, found.scores)

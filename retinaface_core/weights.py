@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
 
 from .config import CONFIGS, RetinaFaceConfig, get_config
 from .model import RetinaFace
+from .storage import StorageOptions, read_file
 
 log = logging.getLogger(__name__)
 
@@ -163,15 +163,14 @@ def _verify_digest(entry: PretrainedWeights, digest: str, where: str) -> None:
         )
 
 
-def read_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, str]:
+def read_checkpoint(uri: str, storage: StorageOptions | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, str]:
     """Read a checkpoint safely (``weights_only``); returns (state_dict, embedded config or None, sha256).
 
     Accepted layouts: a plain state_dict (keys optionally prefixed ``module.``), or a dict
     ``{"state_dict": ..., "config": {...}}`` as written by this project's training job.
     """
     try:
-        with fsspec.open(uri, "rb") as f:
-            data = f.read()
+        data = read_file(uri, storage)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{uri}: checkpoint file not found") from exc
     digest = hashlib.sha256(data).hexdigest()
@@ -234,11 +233,18 @@ def load_into(model: RetinaFace, state: dict[str, torch.Tensor], uri: str) -> No
 
 
 def load_weights(
-    weights: str | None = None, *, config: str | RetinaFaceConfig | None = None, download: bool = True
+    weights: str | None = None,
+    *,
+    config: str | RetinaFaceConfig | None = None,
+    download: bool = True,
+    storage: StorageOptions | None = None,
 ) -> LoadedWeights:
-    """Resolve, verify and strictly load a checkpoint into a new eval-mode :class:`RetinaFace`."""
+    """Resolve, verify and strictly load a checkpoint into a new eval-mode :class:`RetinaFace`.
+
+    ``storage`` holds the S3 settings for a checkpoint given as an ``s3://`` URI.
+    """
     uri, entry = resolve_weights(weights, download=download)
-    state, embedded, digest = read_checkpoint(uri)
+    state, embedded, digest = read_checkpoint(uri, storage)
     if entry is not None:
         _verify_digest(entry, digest, uri)
     cfg = _pick_config(uri, config, embedded, entry, digest)

@@ -1,14 +1,17 @@
 """Readers and writers for the WIDER FACE annotation formats.
 
-Three formats are supported, each read from any fsspec URI (local path,
-``file://``, ``s3://``, ...):
+Every WIDER FACE file format lives here, each read from any fsspec URI (local
+path, ``file://``, ``s3://``, ...; S3 settings in ``storage``):
 
 * the official split files ``wider_face_{train,val}_bbx_gt.txt``
   (:func:`read_bbx_gt`, :func:`write_bbx_gt`);
 * the RetinaFace landmark file ``label.txt`` (:func:`read_label_txt`,
   :func:`write_label_txt`);
 * the official evaluation ground truth ``wider_face_val.mat`` with
-  ``wider_{easy,medium,hard}_val.mat`` (:func:`read_ground_truth_mat`).
+  ``wider_{easy,medium,hard}_val.mat`` (:func:`read_ground_truth_mat`);
+* the submission layout of detections, ``EVENT/NAME.txt`` per image
+  (:func:`write_predictions`, :func:`read_predictions`,
+  :func:`submission_rows`).
 
 Coordinate conventions: the text files store boxes as ``x, y, w, h`` in
 pixels; :class:`WiderImage` holds them as ``x1, y1, x2, y2`` with
@@ -40,13 +43,17 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import fsspec
+import io
+
 import numpy as np
 from scipy.io import loadmat
+
+from .box_coding import box_convert
+from .storage import StorageOptions, filesystem, read_file
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +163,7 @@ class WiderValGroundTruth:
         return WiderValGroundTruth(boxes=boxes, counts=counts)
 
 
-def read_bbx_gt(uri: str, *, degenerate: Degenerate = "strict") -> list[WiderImage]:
+def read_bbx_gt(uri: str, *, degenerate: Degenerate = "strict", storage: StorageOptions | None = None) -> list[WiderImage]:
     """Read an official split file ``wider_face_{train,val}_bbx_gt.txt``.
 
     Per image: a line ``EVENT/NAME.jpg``, a line with the face count, then per
@@ -165,7 +172,7 @@ def read_bbx_gt(uri: str, *, degenerate: Degenerate = "strict") -> list[WiderIma
     file does this); it is consumed. Landmarks are not part of this format:
     every ``has_landmarks`` is False.
     """
-    lines = _read_lines(uri)
+    lines = _read_lines(uri, storage)
     images: list[WiderImage] = []
     dropped = 0
     i = 0
@@ -207,7 +214,7 @@ def read_bbx_gt(uri: str, *, degenerate: Degenerate = "strict") -> list[WiderIma
     return images
 
 
-def write_bbx_gt(images: Sequence[WiderImage], uri: str) -> None:
+def write_bbx_gt(images: Sequence[WiderImage], uri: str, storage: StorageOptions | None = None) -> None:
     """Write ``images`` in the split-file format read by :func:`read_bbx_gt`.
 
     An image without faces is written as count 0 plus one all-zero line, like
@@ -222,10 +229,10 @@ def write_bbx_gt(images: Sequence[WiderImage], uri: str) -> None:
             out.append(" ".join([*map(_format_number, box), *map(str, attrs)]))
         if len(image.boxes) == 0:
             out.append(" ".join(["0"] * _BBX_FIELDS))
-    _write_text(uri, out)
+    _write_text(uri, out, storage)
 
 
-def read_label_txt(uri: str, *, degenerate: Degenerate = "strict") -> list[WiderImage]:
+def read_label_txt(uri: str, *, degenerate: Degenerate = "strict", storage: StorageOptions | None = None) -> list[WiderImage]:
     """Read a RetinaFace ``label.txt``.
 
     Per image a line ``# EVENT/NAME.jpg``, then one line per face: either
@@ -234,7 +241,7 @@ def read_label_txt(uri: str, *, degenerate: Degenerate = "strict") -> list[Wider
     "not annotated" (NaN here). The per-point flags and the trailing
     confidence are checked to be numbers but not kept.
     """
-    lines = _read_lines(uri)
+    lines = _read_lines(uri, storage)
     images: list[WiderImage] = []
     dropped = 0
     i = 0
@@ -270,7 +277,7 @@ def read_label_txt(uri: str, *, degenerate: Degenerate = "strict") -> list[Wider
     return images
 
 
-def write_label_txt(images: Sequence[WiderImage], uri: str) -> None:
+def write_label_txt(images: Sequence[WiderImage], uri: str, storage: StorageOptions | None = None) -> None:
     """Write ``images`` as a RetinaFace ``label.txt`` (the 20-number train form).
 
     Faces without landmarks get -1 for every landmark value and the
@@ -287,10 +294,10 @@ def write_label_txt(images: Sequence[WiderImage], uri: str) -> None:
             else:
                 tail = [_MISSING_LANDMARK] * (_LABEL_FIELDS_WITH_LANDMARKS - 4)
             out.append(" ".join(map(_format_number, [*box, *tail])))
-    _write_text(uri, out)
+    _write_text(uri, out, storage)
 
 
-def read_ground_truth_mat(gt_dir_or_uri: str) -> WiderValGroundTruth:
+def read_ground_truth_mat(gt_dir_or_uri: str, storage: StorageOptions | None = None) -> WiderValGroundTruth:
     """Read ``wider_face_val.mat`` and ``wider_{easy,medium,hard}_val.mat`` from one directory.
 
     The level files hold per image ``gt_list``, the 1-based indices of the
@@ -298,7 +305,7 @@ def read_ground_truth_mat(gt_dir_or_uri: str) -> WiderValGroundTruth:
     """
     root = gt_dir_or_uri.rstrip("/")
     main_uri = posixpath.join(root, "wider_face_val.mat")
-    main = _load_mat(main_uri)
+    main = _load_mat(main_uri, storage)
     boxes: dict[str, np.ndarray] = {}
     for event_id, event_cell in enumerate(main["event_list"][:, 0]):
         event = str(event_cell[0])
@@ -308,7 +315,7 @@ def read_ground_truth_mat(gt_dir_or_uri: str) -> WiderValGroundTruth:
     counts: dict[str, dict[str, np.ndarray]] = {}
     for level in LEVELS:
         level_uri = posixpath.join(root, f"wider_{level}_val.mat")
-        gt_lists = [cell[0] for event_cells in _load_mat(level_uri)["gt_list"][:, 0] for cell in event_cells]
+        gt_lists = [cell[0] for event_cells in _load_mat(level_uri, storage)["gt_list"][:, 0] for cell in event_cells]
         if len(gt_lists) != len(boxes):
             raise WiderFormatError(level_uri, None, f"{len(gt_lists)} images, {main_uri} has {len(boxes)}")
         counts[level] = {}
@@ -322,22 +329,109 @@ def read_ground_truth_mat(gt_dir_or_uri: str) -> WiderValGroundTruth:
     return WiderValGroundTruth(boxes=boxes, counts=counts)
 
 
-def _load_mat(uri: str) -> dict:
-    with fsspec.open(uri, "rb") as f:
-        return loadmat(f)
+def write_predictions(predictions: Mapping[str, np.ndarray], root_uri: str, storage: StorageOptions | None = None) -> None:
+    """Write the official submission layout: ``ROOT/EVENT/NAME.txt`` per image.
+
+    Each file holds the image name (``NAME``, as Pytorch_Retinaface writes
+    it), the number of boxes, then one ``x y w h score`` line per box, with
+    values written exactly (shortest repr of the float64).
+    """
+    fs, root = filesystem(root_uri, storage)
+    files = {}
+    for name, boxes in predictions.items():
+        boxes = as_submission_rows(name, boxes)
+        lines = [posixpath.basename(name), str(len(boxes))] + [" ".join(map(repr, row)) for row in boxes.tolist()]
+        files[posixpath.join(root, f"{name}.txt")] = "".join(line + "\n" for line in lines).encode()
+    for parent in {posixpath.dirname(path) for path in files}:
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe(files)
 
 
-def _read_lines(uri: str) -> list[tuple[int, str]]:
+def read_predictions(root_uri: str, storage: StorageOptions | None = None) -> dict[str, np.ndarray]:
+    """Read every ``*.txt`` under ``root_uri`` in the submission layout.
+
+    Returns per ``"EVENT/NAME"`` (the path relative to the root, without
+    ``.txt``) a float64 (N, 5) array ``x, y, w, h, score``. The first line
+    must name the file's image (``NAME``, ``NAME.jpg`` or a path ending in
+    one of them); the second is the number of box lines that follow.
+    """
+    fs, root = filesystem(root_uri, storage)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"no prediction directory at {root_uri}")
+    paths = [path for path in fs.find(root) if path.endswith(".txt")]
+    contents = fs.cat(paths) if paths else {}
+    return {
+        path[len(root) + 1 : -len(".txt")]: _parse_prediction_file(fs.unstrip_protocol(path), data)
+        for path, data in sorted(contents.items())
+    }
+
+
+def submission_rows(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Detector output -> the protocol's rows: (N, 4) x1, y1, x2, y2 and (N,) scores to float64
+    (N, 5) ``x, y, w, h, score``, order kept."""
+    xywh = box_convert(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), "xyxy", "xywh")
+    return np.concatenate([xywh, np.asarray(scores, dtype=np.float64).reshape(-1, 1)], axis=1)
+
+
+def as_submission_rows(name: str, boxes: np.ndarray) -> np.ndarray:
+    """``boxes`` as float64 (N, 5) ``x, y, w, h, score`` rows; a clear error names the image otherwise."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if boxes.size == 0:
+        return boxes.reshape(0, 5)
+    if boxes.ndim != 2 or boxes.shape[1] != 5:
+        raise ValueError(f"{name}: predictions must be (N, 5) x, y, w, h, score, got shape {boxes.shape}")
+    if not np.all(np.isfinite(boxes)):
+        raise ValueError(f"{name}: predictions must be finite")
+    return boxes
+
+
+def _parse_prediction_file(uri: str, data: bytes) -> np.ndarray:
+    lines = [(number, line.strip()) for number, line in enumerate(data.decode("utf-8").splitlines(), start=1)]
+    lines = [(number, text) for number, text in lines if text]
+    stem = posixpath.basename(uri)[: -len(".txt")]
+    if not lines:
+        raise WiderFormatError(uri, 1, f"empty file, the first line must name the image {stem!r}")
+    if posixpath.basename(lines[0][1]).removesuffix(".jpg") != stem:
+        raise WiderFormatError(uri, lines[0][0], f"first line must name the image {stem!r}, got {lines[0][1]!r}")
+    if len(lines) < 2:
+        raise WiderFormatError(uri, lines[0][0], "missing box count line")
+    count_line, count_text = lines[1]
+    try:
+        count = int(count_text)
+    except ValueError:
+        raise WiderFormatError(uri, count_line, f"box count must be an integer, got {count_text!r}") from None
+    box_lines = lines[2:]
+    if count != len(box_lines):
+        raise WiderFormatError(uri, count_line, f"box count says {count}, {len(box_lines)} box lines follow")
+    boxes = np.empty((count, 5), dtype=np.float64)
+    for row, (number, text) in enumerate(box_lines):
+        fields = text.split()
+        if len(fields) != 5:
+            raise WiderFormatError(uri, number, f"expected 5 numbers x y w h score, got {len(fields)} fields")
+        try:
+            boxes[row] = [float(field) for field in fields]
+        except ValueError:
+            raise WiderFormatError(uri, number, f"non-numeric field in {text!r}") from None
+        if not np.all(np.isfinite(boxes[row])):
+            raise WiderFormatError(uri, number, f"non-finite value in {text!r}")
+    return boxes
+
+
+def _load_mat(uri: str, storage: StorageOptions | None) -> dict:
+    return loadmat(io.BytesIO(read_file(uri, storage)))
+
+
+def _read_lines(uri: str, storage: StorageOptions | None) -> list[tuple[int, str]]:
     """Non-blank lines of a text file as (1-based line number, stripped text)."""
-    with fsspec.open(uri, "rt", encoding="utf-8") as f:
-        text = f.read()
+    text = read_file(uri, storage).decode("utf-8")
     return [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
-def _write_text(uri: str, lines: list[str]) -> None:
-    # fsspec.open creates missing local parent directories when writing.
-    with fsspec.open(uri, "wt", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
+def _write_text(uri: str, lines: list[str], storage: StorageOptions | None) -> None:
+    fs, path = filesystem(uri, storage)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, "".join(line + "\n" for line in lines).encode("utf-8"))
 
 
 def _is_image_name(text: str) -> bool:
@@ -417,15 +511,11 @@ def _log_dropped(uri: str, dropped: int) -> None:
 
 def _xywh_to_xyxy(xywh: np.ndarray) -> np.ndarray:
     # Summed in float64 so that writing w = x2 - x1 back is exact.
-    xyxy = xywh.astype(np.float64).copy()
-    xyxy[:, 2:] += xyxy[:, :2]
-    return xyxy.astype(np.float32)
+    return box_convert(xywh.astype(np.float64), "xywh", "xyxy").astype(np.float32)
 
 
 def _xyxy_to_xywh(xyxy: np.ndarray) -> list[list[float]]:
-    xywh = xyxy.astype(np.float64)
-    xywh[:, 2:] -= xywh[:, :2]
-    return xywh.tolist()
+    return box_convert(xyxy.astype(np.float64), "xyxy", "xywh").tolist()
 
 
 def _format_number(value: float) -> str:

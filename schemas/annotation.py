@@ -16,6 +16,7 @@ another version.
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"retinaface.annotation.schema_version"
@@ -56,3 +57,9 @@ ANNOTATION_SCHEMA = pa.schema(
 
 # What a reader sees: the stored columns plus the hive partition column.
 PARTITION_SCHEMA = pa.schema([pa.field("shard", pa.string())])
+
+
+def partitioning() -> pads.Partitioning:
+    """How pyarrow and pandas readers must read ``shard=<id>`` folders: as strings, never as the
+    integers an all-digit shard id would otherwise be inferred as."""
+    return pads.partitioning(PARTITION_SCHEMA, flavor="hive")

@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
+from jobs._config import from_values
 from jobs.annotate import AnnotateConfig, run
 
 
@@ -27,8 +28,9 @@ def main(input_uri: str, output: str) -> None:
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
-    config = AnnotateConfig(
-        input=input_uri, output=output, images_per_shard=2, scale="original", actors=2, batch_size=1, torch_threads=1
+    config = from_values(
+        AnnotateConfig,
+        dict(input=input_uri, output=output, images_per_shard=2, scale="original", actors=2, batch_size=1, torch_threads=1),
     )
     outcome: dict = {}
 

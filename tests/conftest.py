@@ -7,6 +7,8 @@
   ``RETINAFACE_WEIGHTS_DIR`` for the rest of the session so that the core, subprocesses and Ray
   workers started afterwards all resolve ``mobilenet0.25-1mb`` to it.
 - ``gt_dir``: the official WIDER FACE val ground truth in ``shared_dir``.
+- ``random_weights``, ``photo``: a seeded random network and a scikit-image photo, for the
+  invariants that need neither the published weights nor ``shared_dir``.
 - ``s3_server``: one moto S3 server on 127.0.0.1 for the session, with ``AWS_ENDPOINT_URL`` and
   test credentials exported so that pyarrow, s3fs and Ray workers all talk to it; yields its URL.
 - ``make_bucket``: creates a fresh, uniquely named bucket on that server and returns its name.
@@ -17,7 +19,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,13 +29,6 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_FILE = "mobilenet0.25_Final.pth"
 
-# Workers and subprocesses must find the same S3 endpoint; these are what every client reads.
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-}
 
 
 @pytest.fixture(scope="session")
@@ -79,20 +73,54 @@ def gt_dir(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def random_weights():
+    """A seeded, randomly initialised MobileNet-0.25 RetinaFace whose outputs spread like a trained
+    one's (class logits of std 2, offsets of std 0.5 on photo-like input), for the invariants
+    that do not need the published weights: they then run where ``../shared`` is absent."""
+    import torch
+
+    from retinaface_core import RetinaFace, get_config
+    from retinaface_core.weights import LoadedWeights
+
+    torch.manual_seed(0)
+    config = get_config("mobilenet0.25-1mb")
+    model = RetinaFace(config).eval()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        for conv in convs:
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        # The input is pixels minus the mean, not divided by a std of about 60.
+        convs[0].weight /= 60
+        sample = model(torch.randn(1, 3, 320, 320) * 60)
+        for heads, output, std in (
+            (model.ClassHead, sample.logits, 2.0),
+            (model.BboxHead, sample.boxes, 0.5),
+            (model.LandmarkHead, sample.landmarks, 0.5),
+        ):
+            for head in heads:
+                head.conv1x1.weight *= std / output.std()
+    return LoadedWeights(model=model, config=config, name="random", uri="random", sha256="")
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """scikit-image's astronaut (512 x 512, a face), BGR: a real photo that needs no ../shared."""
+    import cv2
+    from skimage import data
+
+    return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
+    from jobs._local_s3 import LocalS3, s3_environment
 
-    # One log line per request would drown every failure report.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
-    yield endpoint
-    server.stop()
+    with LocalS3() as server:
+        # Workers and subprocesses must find the same S3 endpoint: these are what every client reads.
+        variables = s3_environment(server.endpoint)
+        saved = {k: os.environ.get(k) for k in variables}
+        os.environ.update(variables)
+        yield server.endpoint
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -31,13 +31,14 @@ import pytest
 
 from jobs._samples import broken_files, generated_images, oversized_png, shared_photos
 from jobs._storage import JobError, list_input, make_shards
+from jobs._config import from_values
 from jobs.annotate import AnnotateConfig, run
 from retinaface_core import Detector
 from retinaface_core.image_io import read_image
 from retinaface_core.registry import ModelRegistry
 from retinaface_core.training import model_checkpoint_bytes
 from retinaface_core.weights import load_weights
-from schemas.annotation import ANNOTATION_SCHEMA, SCHEMA_VERSION
+from schemas.annotation import ANNOTATION_SCHEMA, SCHEMA_VERSION, partitioning
 
 SCALE = "long:640"
 MAX_PIXELS = 3_000_000  # every real photo is below 1.5 MP; the bomb is 3.2 MP
@@ -56,7 +57,7 @@ def read_output(output: str) -> pd.DataFrame:
     """The committed rows of a job's output, as pandas (shard from the hive path)."""
     fs, path = fsspec.core.url_to_fs(output)
     fs.invalidate_cache()
-    dataset = pads.dataset(f"{path}/annotations", filesystem=fs, format="parquet", partitioning="hive")
+    dataset = pads.dataset(f"{path}/annotations", filesystem=fs, format="parquet", partitioning=partitioning())
     return dataset.to_table().to_pandas()
 
 
@@ -99,7 +100,7 @@ def job_config(input: str, output: str, **overrides) -> AnnotateConfig:
         batch_size=4,
         torch_threads=1,
     )
-    return AnnotateConfig(**{**settings, **overrides})
+    return from_values(AnnotateConfig, {**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +251,8 @@ def test_model_from_the_registry_is_recorded(ray_session, bucket_input, annotate
     subset = sorted(u for u in expected if "crowd_baseball" in u or "broken/empty" in u)
     manifest = tmp_path / "subset.txt"
     manifest.write_text("\n".join(subset))
-    with pytest.raises(JobError, match="not both"):
-        run(job_config(str(manifest), str(tmp_path / "out"), model=registry.uri, weights="mobilenet0.25-1mb"))
+    with pytest.raises(ValueError, match="not both"):
+        job_config(str(manifest), str(tmp_path / "out"), model=registry.uri, weights="mobilenet0.25-1mb")
     run(job_config(str(manifest), str(tmp_path / "out"), model=registry.uri))
     rows = read_output(str(tmp_path / "out")).set_index("uri")
     assert set(rows["model_version"]) == {"v0001"}
@@ -288,8 +289,7 @@ DUCKDB_QUERIES = {
 
 def pandas_queries(root: str) -> dict[str, pd.DataFrame]:
     """The same four queries in pandas (the code shown in docs/annotate.md)."""
-    images = pd.read_parquet(f"{root}/annotations")
-    images["shard"] = images["shard"].astype(str)
+    images = pd.read_parquet(f"{root}/annotations", partitioning=partitioning())
     nested = images[["shard", "uri", "run_id", "faces"]].explode("faces").dropna(subset=["faces"])
     faces = pd.concat(
         [nested[["shard", "uri", "run_id"]].reset_index(drop=True), pd.DataFrame(nested["faces"].tolist())], axis=1
@@ -402,8 +402,8 @@ def test_interrupted_run_resumes_without_recomputing(s3_server, weights_dir, sha
     rows = read_output(str(output))
     assert sorted(rows["uri"]) == sorted(f"s3://{bucket}/{n}" for n in files), "exactly one row per image"
     first_shards = {s.split("=", 1)[1] for s in before}
-    assert (rows.loc[rows["shard"].astype(str).isin(first_shards), "run_id"] == "first").all()
-    assert (rows.loc[~rows["shard"].astype(str).isin(first_shards), "run_id"] == "second").all()
+    assert (rows.loc[rows["shard"].isin(first_shards), "run_id"] == "first").all()
+    assert (rows.loc[~rows["shard"].isin(first_shards), "run_id"] == "second").all()
 
 
 def test_worker_node_lost_mid_run(s3_server, weights_dir, shared_dir, make_bucket, repo_root, tmp_path):
@@ -430,11 +430,17 @@ def test_config_from_yaml_with_flag_overrides(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("input: s3://b/in/\noutput: s3://b/out/\nbatch-size: 16\nscale: square:320\ns3_region: eu-west-1\n")
     config = parse_config(AnnotateConfig, ["--config", str(path), "--batch-size", "4", "--overwrite", "--torch-threads", "none"])
-    assert (config.input, config.batch_size, config.scale, config.overwrite) == ("s3://b/in/", 4, "square:320", True)
-    assert config.storage.region == "eu-west-1" and config.torch_threads is None
-    assert "batch_size" in format_config(config)
+    assert (config.input, config.batch_size, config.detector.scale, config.overwrite) == ("s3://b/in/", 4, "square:320", True)
+    assert config.s3.region == "eu-west-1" and config.torch_threads is None
+    assert "batch_size" in format_config(config) and "detector.scale" in format_config(config)
+    # The same settings grouped as the stored config.json groups them.
+    path.write_text("input: s3://b/in/\noutput: s3://b/out/\ndetector:\n  scale: long:320\n  score_threshold: 0.7\ns3: {region: eu-west-2}\n")
+    config = parse_config(AnnotateConfig, ["--config", str(path), "--score-threshold", "0.8"])
+    assert (config.detector.scale, config.detector.score_threshold, config.s3.region) == ("long:320", 0.8, "eu-west-2")
     with pytest.raises(SystemExit):
         parse_config(AnnotateConfig, ["--output", "x"])  # --input missing
+    with pytest.raises(SystemExit):
+        parse_config(AnnotateConfig, ["--input", "a", "--output", "b", "--weights", "w.pth", "--model", "s3://r"])
     path.write_text("input: a\noutput: b\nbatchsize: 3\n")
     with pytest.raises(SystemExit):
         parse_config(AnnotateConfig, ["--config", str(path)])

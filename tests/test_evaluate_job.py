@@ -11,7 +11,8 @@ import s3fs
 
 from jobs import evaluate as evaluate_job
 from retinaface_core import Detector
-from retinaface_core.evaluation import evaluate, read_predictions
+from retinaface_core.evaluation import evaluate
+from retinaface_core.widerface import read_predictions
 from retinaface_core.registry import ModelRegistry
 from retinaface_core.training import model_checkpoint_bytes
 from retinaface_core.weights import load_weights

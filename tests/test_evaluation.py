@@ -22,10 +22,15 @@ from retinaface_core.evaluation import (
     evaluate,
     format_ap_table,
     plot_pr_curves,
+)
+from retinaface_core.widerface import (
+    LEVELS,
+    WiderFormatError,
+    WiderValGroundTruth,
+    read_ground_truth_mat,
     read_predictions,
     write_predictions,
 )
-from retinaface_core.widerface import LEVELS, WiderFormatError, WiderValGroundTruth, read_ground_truth_mat
 
 
 

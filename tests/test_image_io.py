@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 
+import fsspec
 import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
-from retinaface_core.image_io import ImageDecodeError, decode_image, image_size, read_bytes, read_image
+from retinaface_core.image_io import ImageDecodeError, decode_image, fetch_image, read_bytes, read_image
 
 RNG = np.random.default_rng(0)
 
@@ -85,7 +86,6 @@ def test_empty_and_non_image_and_garbage():
 
 def test_pixel_limit_checked_from_header():
     big = encode(Image.new("L", (3000, 2000)), "PNG")
-    assert image_size(big, "big.png") == (3000, 2000)
     with pytest.raises(ImageDecodeError, match="6.0 MP exceeds the limit of 5 MP") as err:
         decode_image(big, "big.png", max_pixels=5_000_000)
     assert err.value.kind == "too_large"
@@ -99,12 +99,17 @@ def test_read_errors_are_named(tmp_path):
     class ForbiddenFS(MemoryFileSystem):
         """What s3fs raises for an AccessDenied object."""
 
+        protocol = ("forbidden",)
+
         def cat_file(self, path, start=None, end=None, **kwargs):
             raise PermissionError(f"Access Denied: {path}")
 
+    fsspec.register_implementation("forbidden", ForbiddenFS, clobber=True)
     with pytest.raises(ImageDecodeError, match="permission denied") as err:
-        read_bytes("memory://secret.jpg", ForbiddenFS())
+        read_bytes("forbidden://secret.jpg")
     assert err.value.kind == "permission_denied"
+    fetched = fetch_image("forbidden://secret.jpg")
+    assert fetched.image is None and fetched.error_kind == "permission_denied" and "secret.jpg" in fetched.error
 
 
 @pytest.mark.parametrize("size", [(60, 40), (2600, 1800)], ids=["one-block", "several-blocks"])

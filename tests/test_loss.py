@@ -18,8 +18,8 @@ from retinaface_core.loss import (
     hard_negative_mask,
     match_anchors,
     multibox_loss,
-    point_form,
 )
+from retinaface_core.box_coding import box_convert
 from retinaface_core.model import RetinaFaceOutput
 
 VARIANCES = (0.1, 0.2)
@@ -52,9 +52,9 @@ def targets(boxes: list[list[list[float]]], landmarks: torch.Tensor | None = Non
 ANCHOR_BOXES = [[0.0, 0.0, 0.4, 0.4], [0.05, 0.05, 0.45, 0.45], [0.6, 0.6, 1.0, 1.0], [0.0, 0.6, 0.1, 0.7]]
 
 
-def test_box_iou_and_point_form() -> None:
+def test_box_iou_and_anchor_corners() -> None:
     priors = anchors_from_boxes(ANCHOR_BOXES)
-    assert torch.allclose(point_form(priors), torch.tensor(ANCHOR_BOXES), atol=1e-6)
+    assert torch.allclose(box_convert(priors, "cxcywh", "xyxy"), torch.tensor(ANCHOR_BOXES), atol=1e-6)
     iou = box_iou(torch.tensor([[0.0, 0.0, 0.2, 0.2]]), torch.tensor([[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.6, 0.6]]))
     assert iou.shape == (1, 2)
     assert iou[0, 0].item() == pytest.approx(0.01 / 0.07)
@@ -67,7 +67,7 @@ def test_match_threshold_and_forced_best_anchor() -> None:
     face_b = [0.6, 0.6, 0.8, 0.8]  # best anchor 2 with IoU 0.25: below 0.35, forced anyway
     face_c = [0.45, 0.0, 0.5, 0.05]  # no anchor reaches IoU 0.2: ignored
     match = match_anchors(*_boxes_valid(targets([[face_a, face_b, face_c]])), priors)
-    iou = box_iou(torch.tensor([face_a, face_b, face_c]), point_form(priors))
+    iou = box_iou(torch.tensor([face_a, face_b, face_c]), box_convert(priors, "cxcywh", "xyxy"))
     assert iou[0, 0] >= 0.35 and iou[0, 1] >= 0.35
     assert 0.2 <= iou[1, 2] < 0.35
     assert iou[2].max() < 0.2

@@ -20,6 +20,7 @@ import torch
 
 from retinaface_core.detector import Detector
 from retinaface_core.registry import ModelRegistry, resolve_model
+from retinaface_core.storage import StorageOptions
 from retinaface_core.training import Schedule, WiderTrainDataset, collate_faces, open_wider_dataset
 from retinaface_core.augment import TrainAugment
 from retinaface_core.weights import load_weights
@@ -239,7 +240,7 @@ def test_cli_flags_and_yaml_fill_the_config(tmp_path: Path) -> None:
     assert (cfg.epochs, cfg.schedule, cfg.lr, cfg.augment, cfg.init, cfg.name) == (7, "cosine", 0.002, False, "scratch", "x")
     assert TrainConfig(train="t").name.startswith("retinaface-")
     assert storage_filesystem(TrainConfig(train="t", storage="s3://b/runs")) == ("s3://b/runs", None)
-    path, fs = storage_filesystem(TrainConfig(train="t", storage="s3://b/runs", s3_endpoint_url="http://127.0.0.1:1"))
+    path, fs = storage_filesystem(TrainConfig(train="t", storage="s3://b/runs", s3=StorageOptions(endpoint_url="http://127.0.0.1:1")))
     assert path == "b/runs" and fs.type_name == "s3"
     path, fs = storage_filesystem(TrainConfig(train="t", storage="memory://runs"))
     assert fs.type_name.startswith("py::fsspec")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import os
 import shutil
 
 import fsspec
@@ -198,6 +197,14 @@ def test_resnet50_builds_runs_and_round_trips_the_published_layout(tmp_path):
 
 
 def test_weights_env_var_selects_the_default(shared_checkpoint, isolated_env, monkeypatch):
-    monkeypatch.setenv(ENV_WEIGHTS, str(shared_checkpoint))
-    assert load_weights().uri == str(shared_checkpoint)
-    assert os.environ[ENV_WEIGHTS] == str(shared_checkpoint)
+    from retinaface_core.training import model_checkpoint_bytes
+
+    # A checkpoint other than the default, so that loading it shows the variable was followed.
+    torch.manual_seed(0)
+    other = isolated_env / "other.pth"
+    other.write_bytes(model_checkpoint_bytes(RetinaFace(get_config("mobilenet0.25-1mb"))))
+    monkeypatch.setenv(ENV_WEIGHTS, str(other))
+    loaded = load_weights()
+    assert loaded.uri == str(other) and loaded.sha256 != PRETRAINED["mobilenet0.25-1mb"].sha256
+    # An explicit checkpoint wins over the variable.
+    assert load_weights(str(shared_checkpoint)).sha256 == PRETRAINED["mobilenet0.25-1mb"].sha256

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,15 +23,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from jobs._local_s3 import free_port, s3_environment, server_command
+
 STATE_DIR = Path(os.environ.get("DEVSTACK_DIR", Path(__file__).resolve().parents[2] / ".devstack"))
 STATE_FILE = STATE_DIR / "state.json"
 BUCKET = "dev"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(pid: int) -> bool:
@@ -84,10 +79,7 @@ def http_ok(url: str) -> bool:
 
 def environment(state: dict) -> dict[str, str]:
     return {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{state['s3_port']}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
+        **s3_environment(f"http://127.0.0.1:{state['s3_port']}"),
         # ray.init() in a local driver joins through GCS; `ray job submit` talks to the dashboard.
         "RAY_ADDRESS": f"127.0.0.1:{state['ray_port']}",
         "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{state['dashboard_port']}",
@@ -119,7 +111,7 @@ def up(num_cpus: int) -> None:
             return
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     state = {"s3_port": free_port(), "ray_port": free_port(), "dashboard_port": free_port()}
-    s3 = spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(state["s3_port"])], "s3.log")
+    s3 = spawn(server_command(state["s3_port"]), "s3.log")
     state["s3_pid"] = s3.pid
     ray = spawn(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats",
