@@ -18,82 +18,139 @@ Two ways to feed it (``--decode``):
 from __future__ import annotations
 
 import json
+import logging
 import pickle
+import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from retinaface_core.image_io import FetchedImage, fetch_image
+from retinaface_core.image_io import RETRYABLE_KINDS, FetchedImage, fetch_image
 from retinaface_core.quality import FaceQuality, face_quality
-from retinaface_core.storage import StorageOptions
-from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, LANDMARK_NAMES, QUALITY_COLUMNS
+from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, LANDMARK_NAMES, QUALITY_COLUMNS, SETTINGS_METADATA_KEY
 
 from ._model import ModelIdentity, load_detector
-from ._storage import OutputStore, parquet_bytes
+from ._storage import OutputStore, parquet_bytes, settings_fingerprint
 
 if TYPE_CHECKING:
     from .annotate import AnnotateConfig
 
+log = logging.getLogger(__name__)
 
-def decode_shards(batch: dict[str, np.ndarray], storage: StorageOptions, max_pixels: int) -> dict[str, np.ndarray]:
+
+def fetch(config: AnnotateConfig, uri: str) -> FetchedImage:
+    """One input object read (storage errors retried with backoff) and decoded, within the job's limits."""
+    return fetch_image(
+        uri, config.s3, config.max_pixels, max_bytes=config.max_bytes, attempts=config.read_attempts, backoff=config.retry_backoff
+    )
+
+
+def decode_shards(batch: dict[str, np.ndarray], config: AnnotateConfig) -> dict[str, np.ndarray]:
     """Ray Data UDF of ``--decode tasks``: shard rows -> the same rows plus their decoded images.
 
     ``payload`` holds the pickled list of :class:`FetchedImage` (uint8 pixels, never float).
     """
-    payloads = [
-        pickle.dumps([fetch_image(str(u), storage, max_pixels) for u in uris], protocol=5) for uris in batch["uris"]
-    ]
-    return {"shard": batch["shard"], "uris": batch["uris"], "payload": np.array(payloads, dtype=object)}
+    payloads = [pickle.dumps([fetch(config, str(u)) for u in uris], protocol=5) for uris in batch["uris"]]
+    return {**batch, "payload": np.array(payloads, dtype=object)}
+
+
+def decode_ahead(
+    pool: ThreadPoolExecutor,
+    fetch_one: Callable[[str], FetchedImage],
+    uris: Iterable[str],
+    window: int,
+    budget: int,
+    threads: int,
+) -> Iterator[FetchedImage]:
+    """``fetch_one`` of each URI, in order, decoded ahead of the consumer on ``pool``.
+
+    A read starts (as soon as a thread is free, also while the consumer is busy) only while
+    fewer than ``window`` images are ahead and the decoded pixels waiting to be consumed take
+    less than ``budget`` bytes; at most ``threads`` reads run at once. So what waits is bounded
+    by ``budget`` plus one image per thread, however large each image is.
+    """
+    futures: deque[Future] = deque()
+    pending = iter(uris)
+    lock = threading.RLock()
+
+    def waiting_bytes() -> int:
+        done = (f.result() for f in futures if f.done())
+        return sum(item.image.nbytes for item in done if item.image is not None)
+
+    def submit_more(_: Future | None = None) -> None:
+        with lock:
+            while len(futures) < window and sum(not f.done() for f in futures) < threads and waiting_bytes() < budget:
+                uri = next(pending, None)
+                if uri is None:
+                    return
+                future = pool.submit(fetch_one, uri)
+                futures.append(future)
+                future.add_done_callback(submit_more)
+
+    submit_more()
+    while True:
+        with lock:
+            if not futures:
+                return
+            future = futures.popleft()
+        yield future.result()
+        submit_more()
 
 
 class ShardAnnotator:
-    """Ray Data actor UDF: shard rows in, one summary row per committed shard out.
+    """Ray Data actor UDF: shard rows in, one summary row per shard out (``error`` empty when
+    the shard committed, else why its last attempt failed).
 
     The model is loaded once per actor (:func:`jobs._model.load_detector`: the driver's
-    checkpoint, hash checked, on the GPU when the actor was given one).
+    checkpoint, hash checked, on the GPU when the actor was given one). A shard whose work fails
+    (a commit that the store keeps refusing, an unexpected error) is tried again, up to
+    ``--shard-attempts`` times with backoff, before it is reported failed; the other shards go on.
     """
 
-    def __init__(self, config: AnnotateConfig, run_id: str, model: ModelIdentity) -> None:
+    def __init__(self, config: AnnotateConfig, run_id: str, model: ModelIdentity, settings: dict[str, Any]) -> None:
         self.config = config
         self.run_id = run_id
         self.model = model
+        self.settings_json = json.dumps(settings, sort_keys=True, default=str).encode()
+        self.fingerprint = settings_fingerprint(settings)
         torch.set_num_threads(config.threads_per_actor)
         self.detector = load_detector(config.detector, config.s3, model, config.num_gpus_per_actor)
         self.store = OutputStore(config.output, config.s3)
-        self.pool = ThreadPoolExecutor(max(1, config.decode_threads), thread_name_prefix="decode")
+        self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         summaries = []
         payloads = batch.get("payload")
-        for i, (shard_id, uris) in enumerate(zip(batch["shard"], batch["uris"])):
-            uris = [str(u) for u in uris]
-            decoded = pickle.loads(payloads[i]) if payloads is not None else self._decode_ahead(uris)
-            summaries.append(self._annotate_shard(str(shard_id), decoded))
+        for i, (shard_id, uris, marked) in enumerate(zip(batch["shard"], batch["uris"], batch["retry"])):
+            shard_id, uris = str(shard_id), [str(u) for u in uris]
+            attempts = self.config.shard_attempts
+            for attempt in range(attempts):
+                try:
+                    decoded = pickle.loads(payloads[i]) if payloads is not None else self._decode_ahead(uris)
+                    summaries.append(self._annotate_shard(shard_id, decoded, bool(marked)))
+                    break
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    if attempt + 1 == attempts:
+                        summaries.append({**_summary(shard_id, []), "error": error})
+                    else:
+                        log.warning("shard %s, attempt %d of %d failed (%s); trying again", shard_id, attempt + 1, attempts, error)
+                        time.sleep(self.config.retry_backoff * 2**attempt)
         return {key: np.array([s[key] for s in summaries]) for key in summaries[0]}
 
     def _decode_ahead(self, uris: list[str]) -> Iterator[FetchedImage]:
-        """Decoded images in input order, the pool working a bounded window ahead of the consumer."""
         c = self.config
         window = max(2 * c.batch_size, 2 * c.decode_threads)
-        futures: deque = deque()
-        pending = iter(uris)
-        for uri in pending:
-            futures.append(self.pool.submit(fetch_image, uri, c.s3, c.max_pixels))
-            if len(futures) >= window:
-                break
-        while futures:
-            yield futures.popleft().result()
-            for uri in pending:
-                futures.append(self.pool.submit(fetch_image, uri, c.s3, c.max_pixels))
-                break
+        return decode_ahead(self.pool, partial(fetch, c), uris, window, c.decode_window_mb * 2**20, c.decode_threads)
 
-    def _annotate_shard(self, shard_id: str, decoded: Iterable[FetchedImage]) -> dict:
+    def _annotate_shard(self, shard_id: str, decoded: Iterable[FetchedImage], marked: bool) -> dict:
         start = time.perf_counter()
         images: list[FetchedImage] = []
         sizes: list[tuple[int, int] | None] = []
@@ -116,16 +173,15 @@ class ShardAnnotator:
         if batch:
             self._detect(batch, images, faces, detect_ms, quality_ms)
         table = self._table(images, sizes, faces, detect_ms, quality_ms)
-        self.store.commit_shard(shard_id, parquet_bytes(table, compression="zstd"))
-        errors = Counter(item.error_kind for item in images if item.error_kind)
-        return {
-            "shard": shard_id,
-            "images": len(images),
-            "faces": int(sum(len(f["score"]) for f in faces if f is not None)),
-            "errors": sum(errors.values()),
-            "errors_by_kind": json.dumps(dict(errors)),
-            "seconds": time.perf_counter() - start,
-        }
+        table = table.replace_schema_metadata({SETTINGS_METADATA_KEY: self.settings_json})
+        retryable = [item.uri for item in images if item.error_kind in RETRYABLE_KINDS]
+        # The mark goes first: a run that dies between the two still leaves the shard to redo.
+        if retryable:
+            self.store.mark_retry(shard_id, retryable)
+        self.store.commit_shard(shard_id, self.fingerprint, parquet_bytes(table, compression="zstd"))
+        if marked and not retryable:
+            self.store.clear_retry(shard_id)
+        return {**_summary(shard_id, images), "faces": int(sum(len(f["score"]) for f in faces if f is not None)), "seconds": time.perf_counter() - start}
 
     def _detect(
         self,
@@ -189,6 +245,21 @@ class ShardAnnotator:
         }
         arrays = [pa.array(columns[f.name], type=f.type) for f in ANNOTATION_SCHEMA if f.name != "faces"]
         return pa.Table.from_arrays([*arrays, face_list.cast(ANNOTATION_SCHEMA.field("faces").type)], schema=ANNOTATION_SCHEMA)
+
+
+def _summary(shard_id: str, images: list[FetchedImage]) -> dict[str, Any]:
+    """A shard's summary row; ``error`` is set by the caller for a shard that did not commit."""
+    errors = Counter(item.error_kind for item in images if item.error_kind)
+    return {
+        "shard": shard_id,
+        "images": len(images),
+        "faces": 0,
+        "errors": sum(errors.values()),
+        "errors_by_kind": json.dumps(dict(errors)),
+        "retryable_errors": sum(errors[kind] for kind in RETRYABLE_KINDS),
+        "seconds": 0.0,
+        "error": "",
+    }
 
 
 def _face_columns(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray, quality: FaceQuality) -> dict[str, np.ndarray]:

@@ -1,6 +1,8 @@
-"""Sizing the jobs' actor pools from what the Ray cluster holds."""
+"""Joining or starting Ray, and sizing the jobs' actor pools from what the cluster holds."""
 
 from __future__ import annotations
+
+import os
 
 
 def pool_size(resources: dict[str, float], cpus_per_actor: float, gpus_per_actor: float) -> int:
@@ -23,9 +25,23 @@ def init_ray(address: str | None) -> None:
     A bare ``ray.init()`` would join whatever ``/tmp/ray/ray_current_cluster`` names, and wait
     minutes on a cluster that no longer exists.
     """
-    import os
-
     import ray
 
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
+
+
+def forget_cluster(address: str) -> None:
+    """Remove Ray's note of the "current" cluster (``/tmp/ray/ray_current_cluster``) if it names
+    ``address``: a cluster started with ``ray start`` or ``ray.cluster_utils.Cluster`` leaves it
+    behind when it stops, and every bare ``ray.init()`` afterwards would wait on the dead address."""
+    from ray._private.utils import get_ray_address_file
+
+    path = get_ray_address_file(None)
+    try:
+        with open(path) as f:
+            named = f.read().strip()
+    except FileNotFoundError:
+        return
+    if named == address:
+        os.remove(path)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import types
 import typing
 from collections.abc import Iterator, Sequence
@@ -39,14 +38,9 @@ from typing import Any, NamedTuple, TypeVar
 
 import yaml
 
+from retinaface_core.storage import redact
+
 T = TypeVar("T")
-
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<password>[^@/\s]*)@")
-
-
-def redact(text: str) -> str:
-    """``text`` with the password of every ``scheme://user:password@host`` URL in it replaced."""
-    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 class _Flag(NamedTuple):

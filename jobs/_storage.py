@@ -19,7 +19,8 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-from retinaface_core.storage import StorageOptions, filesystem, full_uri, write_atomic
+from retinaface_core.storage import StorageOptions, filesystem, full_uri, write_atomic, write_exclusive
+from schemas.annotation import SETTINGS_METADATA_KEY
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFEST_EXTENSIONS = (".txt", ".lst", ".csv", ".parquet")
@@ -96,18 +97,35 @@ def make_shards(uris: Sequence[str], images_per_shard: int) -> list[Shard]:
     return shards
 
 
+@dataclass(frozen=True)
+class OutputListing:
+    """What one listing of the output shows: committed shards (id -> settings fingerprint of
+    their object) and the shards marked for a retry of their storage errors."""
+
+    committed: dict[str, str]
+    retry: set[str]
+
+
 class OutputStore:
     """The job's output folder.
 
     Layout (``ROOT`` is ``--output``)::
 
-        ROOT/_dataset.json                          settings every shard was made with
-        ROOT/annotations/shard=<id>/part-0.parquet  one object per shard, written last = committed
-        ROOT/_runs/<run_id>/config.json             each run's config, written before work starts
-        ROOT/_runs/<run_id>/summary.json            each run's summary, written at its end
+        ROOT/_dataset.json                                 settings every shard was made with;
+                                                           created once, by the first run (exclusive)
+        ROOT/annotations/shard=<id>/part-<fingerprint>.parquet
+                                                           one object per shard, written last =
+                                                           committed; named by its settings
+        ROOT/_retry/<id>                                   the shard holds storage-error rows: the
+                                                           next run redoes it (written before the
+                                                           shard's commit, removed after a clean one)
+        ROOT/_runs/<run_id>/config.json                    each run's config, written before work starts
+        ROOT/_runs/<run_id>/summary.json                   each run's summary, written at its end
     """
 
     TABLE = "annotations"
+    RETRY = "_retry"
+    DATASET = "_dataset.json"
 
     def __init__(self, uri: str, options: StorageOptions | None = None) -> None:
         self.uri = uri.rstrip("/")
@@ -116,15 +134,19 @@ class OutputStore:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    def shard_path(self, shard_id: str) -> str:
-        return self.path(self.TABLE, f"shard={shard_id}", "part-0.parquet")
+    def shard_path(self, shard_id: str, fingerprint: str) -> str:
+        return self.path(self.TABLE, f"shard={shard_id}", f"part-{fingerprint}.parquet")
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Make ``data`` appear at ``path`` all at once (see :func:`write_atomic`)."""
         write_atomic(self.fs, path, data)
 
     def write_json(self, relative: str, obj: Any) -> None:
-        self.write_bytes(self.path(relative), json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        self.write_bytes(self.path(relative), _json_bytes(obj))
+
+    def create_json(self, relative: str, obj: Any) -> bool:
+        """Write ``obj`` unless the object exists; True if this call created it (see :func:`write_exclusive`)."""
+        return write_exclusive(self.fs, self.path(relative), _json_bytes(obj))
 
     def read_json(self, relative: str) -> Any | None:
         try:
@@ -132,18 +154,42 @@ class OutputStore:
         except FileNotFoundError:
             return None
 
-    def commit_shard(self, shard_id: str, parquet: bytes) -> None:
-        self.write_bytes(self.shard_path(shard_id), parquet)
+    def commit_shard(self, shard_id: str, fingerprint: str, parquet: bytes) -> None:
+        self.write_bytes(self.shard_path(shard_id, fingerprint), parquet)
 
-    def committed_shards(self) -> set[str]:
-        """Ids of the shards whose object exists (the listing is not cached)."""
+    def mark_retry(self, shard_id: str, uris: Sequence[str]) -> None:
+        self.write_json(f"{self.RETRY}/{shard_id}", {"storage_errors": list(uris)})
+
+    def clear_retry(self, shard_id: str) -> None:
+        self.fs.rm_file(self.path(self.RETRY, shard_id))
+
+    def listing(self) -> OutputListing:
+        """Committed shards and retry marks from one recursive listing of the root (1 LIST request
+        per 1,000 objects on S3; not cached)."""
         self.fs.invalidate_cache()
-        pattern = self.path(self.TABLE, "shard=*", "part-0.parquet")
-        return {posixpath.basename(posixpath.dirname(p)).split("=", 1)[1] for p in self.fs.glob(pattern)}
+        committed: dict[str, str] = {}
+        retry: set[str] = set()
+        for path in self.fs.find(self.root):
+            relative = path[len(self.root) :].lstrip("/").split("/")
+            if len(relative) == 3 and relative[0] == self.TABLE and relative[1].startswith("shard="):
+                name = relative[2]
+                if name.startswith("part-") and name.endswith(".parquet"):
+                    committed[relative[1][len("shard=") :]] = name[len("part-") : -len(".parquet")]
+            elif len(relative) == 2 and relative[0] == self.RETRY:
+                retry.add(relative[1])
+        return OutputListing(committed, retry)
+
+    def read_settings(self, shard_id: str, fingerprint: str) -> dict[str, Any] | None:
+        """The settings a committed shard records in its Parquet metadata (None for shards written
+        before shards recorded them)."""
+        with self.fs.open(self.shard_path(shard_id, fingerprint), "rb") as f:
+            metadata = pq.read_schema(f).metadata or {}
+        stored = metadata.get(SETTINGS_METADATA_KEY)
+        return json.loads(stored) if stored else None
 
     def clear(self) -> None:
         """Delete everything the job writes here (``--overwrite``)."""
-        for relative in (self.TABLE, "_runs", "_dataset.json"):
+        for relative in (self.TABLE, self.RETRY, "_runs", self.DATASET):
             target = self.path(relative)
             if self.fs.exists(target):
                 self.fs.rm(target, recursive=True)
@@ -157,6 +203,15 @@ class OutputStore:
             self.fs.rm(probe)
         except Exception as exc:
             raise JobError(f"output {self.uri} is not writable ({type(exc).__name__}: {exc})") from exc
+
+
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    """12 hex digits naming a set of output settings (schema, model, detector settings, limits)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
 
 
 def parquet_bytes(table: Any, **write_options: Any) -> bytes:

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 
 from retinaface_core import DetectorSettings, StorageOptions
 from retinaface_core.image_io import DEFAULT_MAX_PIXELS
+from retinaface_core.storage import redact
 from schemas.annotation import SCHEMA_VERSION
 
 from ._cluster import init_ray, pool_size
 from ._config import config_dict, format_config, parse_config
 from ._model import ModelIdentity, resolve_model_identity
-from ._storage import JobError, OutputStore, Shard, list_input, make_shards
+from ._storage import JobError, OutputStore, Shard, list_input, make_shards, settings_fingerprint
 
 
 @dataclass
@@ -45,6 +46,11 @@ class AnnotateConfig:
     images_per_shard: int = field(default=64, metadata={"help": "images per shard, the unit of work and of commit"})
     detector: DetectorSettings = field(default_factory=lambda: DetectorSettings(scale="long:640"), metadata={"flatten": ""})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "images with more pixels become error rows (decompression bombs)"})
+    max_bytes: int = field(default=256 * 2**20, metadata={"help": "objects larger than this many bytes become error rows without being read whole"})
+    read_attempts: int = field(default=4, metadata={"help": "reads of an object the store fails to serve (5xx, timeouts, resets, throttling) before it becomes a 'storage' error row, which the next run retries"})
+    shard_attempts: int = field(default=3, metadata={"help": "attempts at a shard whose work fails (e.g. its commit) before the run reports it failed"})
+    retry_backoff: float = field(default=1.0, metadata={"help": "seconds before the first retry of a read or a shard; doubled for each next one"})
+    decode_window_mb: int = field(default=1024, metadata={"help": "decoded pixels (MiB) an actor holds ahead of the detector; with --decode-threads images being decoded, this bounds its memory"})
     actors: int | None = field(default=None, metadata={"help": "detector actors (default: one per GPU with --num-gpus-per-actor, else one per --num-cpus-per-actor CPUs of the cluster)"})
     batch_size: int = field(default=8, metadata={"help": "images per forward pass"})
     num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per detector actor (0: CPU)"})
@@ -73,25 +79,57 @@ class AnnotateConfig:
         with other values would mix two kinds of results in one dataset. Where the model came
         from (a name, then its path) may differ; its sha256, recorded beside these, may not."""
         detector = {k: v for k, v in dataclasses.asdict(self.detector).items() if k not in ("weights", "model")}
-        return {**detector, "max_pixels": self.max_pixels, "images_per_shard": self.images_per_shard}
+        return {**detector, "max_pixels": self.max_pixels, "max_bytes": self.max_bytes, "images_per_shard": self.images_per_shard}
 
 
 def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def prepare(config: AnnotateConfig, run_id: str) -> tuple[OutputStore, list[Shard], list[Shard], dict, ModelIdentity]:
-    """Every job-level check, before any Ray work: returns (store, all shards, shards to do,
-    dataset info, the model every worker must load).
+@dataclass
+class Plan:
+    """What a run does, decided on the driver before any Ray work."""
+
+    store: OutputStore
+    shards: list[Shard]
+    todo: list[Shard]
+    retry: set[str]  # ids in todo that are committed but hold storage-error rows
+    settings: dict
+    model: ModelIdentity
+
+
+def output_settings(config: AnnotateConfig, model: ModelIdentity) -> dict:
+    """What every shard of an output is made with: ``_dataset.json`` and each shard's metadata.
+    Where the checkpoint came from may differ between runs (a name, then its path); its sha256
+    is what must not change."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_name": model.name,
+        "model_version": model.version,
+        "model_checkpoint": redact(model.checkpoint) if model.checkpoint else None,
+        "model_sha256": model.sha256,
+        **config.fingerprint(),
+    }
+
+
+def _comparable(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k != "model_checkpoint"}
+
+
+def prepare(config: AnnotateConfig, run_id: str) -> Plan:
+    """Every job-level check, before any Ray work.
 
     Raises :class:`JobError` with a message naming the problem: bad settings, a checkpoint that
     cannot be found, an input that cannot be listed, an output that cannot be written, or an
-    output written with other settings or from another input.
+    output written with other settings (by an earlier run, by a concurrent one, or found in a
+    shard's own name) or from another input.
     """
     if config.batch_size < 1 or (config.actors is not None and config.actors < 1):
         raise JobError("--batch-size and --actors must be >= 1")
     if config.num_cpus_per_actor <= 0 and config.num_gpus_per_actor <= 0:
         raise JobError("an actor needs --num-cpus-per-actor > 0 or --num-gpus-per-actor > 0")
+    if min(config.read_attempts, config.shard_attempts, config.max_bytes, config.decode_window_mb, config.decode_threads) < 1:
+        raise JobError("--read-attempts, --shard-attempts, --max-bytes, --decode-window-mb and --decode-threads must be >= 1")
     model, _ = resolve_model_identity(config.detector, config.s3)
     store = OutputStore(config.output, config.s3)
     store.check_writable()
@@ -99,27 +137,30 @@ def prepare(config: AnnotateConfig, run_id: str) -> tuple[OutputStore, list[Shar
     shards = make_shards(uris, config.images_per_shard)
     if config.overwrite:
         store.clear()
-    dataset = {
-        "schema_version": SCHEMA_VERSION,
-        "model_name": model.name,
-        "model_version": model.version,
-        "model_checkpoint": model.checkpoint,
-        "model_sha256": model.sha256,
-        **config.fingerprint(),
-    }
-    stored = store.read_json("_dataset.json")
-    previous = stored or dataset
-    # Where the checkpoint came from may differ between runs (a name, then its path); its
-    # sha256 is what must not change.
-    changed = sorted(k for k in dataset.keys() | previous.keys() if k != "model_checkpoint" and previous.get(k) != dataset.get(k))
-    if changed:
+    settings = output_settings(config, model)
+    # The first run to create _dataset.json owns the output; a concurrent run that lost the race
+    # reads the winner's settings here and is refused below if they differ.
+    if not store.create_json(OutputStore.DATASET, settings):
+        stored = store.read_json(OutputStore.DATASET) or {}
+        changed = sorted(k for k in _comparable(settings).keys() | _comparable(stored).keys() if stored.get(k) != settings.get(k))
+        if changed:
+            raise JobError(
+                f"output {config.output} holds results made with other settings ({', '.join(changed)}: "
+                f"{ {k: stored.get(k) for k in changed} } vs { {k: settings.get(k) for k in changed} }); "
+                "use --overwrite to start over, or another --output"
+            )
+    listing = store.listing()
+    fingerprint = settings_fingerprint(_comparable(settings))
+    mixed = {shard: fp for shard, fp in listing.committed.items() if fp != fingerprint}
+    if mixed:
+        shard, fp = next(iter(sorted(mixed.items())))
+        found = store.read_settings(shard, fp)
         raise JobError(
-            f"output {config.output} holds results made with other settings ({', '.join(changed)}: "
-            f"{ {k: previous.get(k) for k in changed} } vs { {k: dataset.get(k) for k in changed} }); "
+            f"output {config.output} holds {len(mixed)} committed shards made with other settings than "
+            f"_dataset.json says (e.g. shard {shard}: {found or 'written by an older version'}); "
             "use --overwrite to start over, or another --output"
         )
-    committed = store.committed_shards()
-    foreign = committed - {s.id for s in shards}
+    foreign = listing.committed.keys() - {s.id for s in shards}
     if foreign:
         # Shards are slices of the sorted listing: after the input changed, old shards would
         # hold second copies of rows that new shards also hold.
@@ -127,20 +168,20 @@ def prepare(config: AnnotateConfig, run_id: str) -> tuple[OutputStore, list[Shar
             f"output {config.output} holds {len(foreign)} committed shards that are not shards of this input "
             f"(the input changed, or another input was written here); use --overwrite, or another --output"
         )
-    if stored is None:
-        store.write_json("_dataset.json", dataset)
     store.write_json(f"_runs/{run_id}/config.json", {"run_id": run_id, **config_dict(config)})
-    todo = [s for s in shards if s.id not in committed]
-    return store, shards, todo, dataset, model
+    retry = listing.retry & listing.committed.keys()
+    todo = [s for s in shards if s.id not in listing.committed or s.id in retry]
+    return Plan(store, shards, todo, retry, settings, model)
 
 
-def run_pipeline(config: AnnotateConfig, run_id: str, todo: list[Shard], model: ModelIdentity) -> list[dict]:
-    """Stream the shards through Ray Data; returns one summary dict per shard committed."""
+def run_pipeline(config: AnnotateConfig, run_id: str, plan: Plan) -> list[dict]:
+    """Stream the shards to do through Ray Data; returns one summary dict per shard."""
     import ray
 
     from ._annotator import ShardAnnotator, decode_shards
 
     init_ray(config.ray_address)
+    todo = plan.todo
     # An actor without a shard to work on would only load a model.
     actors = min(
         len(todo), config.actors or pool_size(ray.cluster_resources(), config.num_cpus_per_actor, config.num_gpus_per_actor)
@@ -148,19 +189,14 @@ def run_pipeline(config: AnnotateConfig, run_id: str, todo: list[Shard], model: 
     print(f"detector actors: {actors}, torch threads per actor: {config.threads_per_actor}, decode: {config.decode_mode}", flush=True)
     # One block per shard, so that the actor pool hands shards out one at a time.
     ds = ray.data.from_items(
-        [{"shard": s.id, "uris": list(s.uris)} for s in todo], override_num_blocks=len(todo)
+        [{"shard": s.id, "uris": list(s.uris), "retry": s.id in plan.retry} for s in todo], override_num_blocks=len(todo)
     )
     if config.decode_mode == "tasks":
-        ds = ds.map_batches(
-            decode_shards,
-            fn_kwargs={"storage": config.s3, "max_pixels": config.max_pixels},
-            batch_size=1,
-            num_cpus=config.decode_cpus,
-        )
+        ds = ds.map_batches(decode_shards, fn_kwargs={"config": config}, batch_size=1, num_cpus=config.decode_cpus)
     gpus = config.num_gpus_per_actor
     ds = ds.map_batches(
         ShardAnnotator,
-        fn_constructor_kwargs={"config": config, "run_id": run_id, "model": model},
+        fn_constructor_kwargs={"config": config, "run_id": run_id, "model": plan.model, "settings": _comparable(plan.settings)},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=config.num_cpus_per_actor,
@@ -169,19 +205,30 @@ def run_pipeline(config: AnnotateConfig, run_id: str, todo: list[Shard], model: 
     return list(ds.iter_rows())
 
 
-def summarise(run_id: str, shards: list[Shard], todo: list[Shard], results: list[dict], seconds: float) -> dict:
-    images = sum(int(r["images"]) for r in results)
+class ShardsFailed(RuntimeError):
+    """Some shards did not commit after their retries; the summary names them."""
+
+
+EXIT_SHARDS_FAILED = 3
+
+
+def summarise(run_id: str, plan: Plan, results: list[dict], seconds: float) -> dict:
+    done = [r for r in results if not r["error"]]
+    images = sum(int(r["images"]) for r in done)
     kinds: Counter = Counter()
-    for r in results:
+    for r in done:
         kinds.update(json.loads(r["errors_by_kind"]))
     return {
         "run_id": run_id,
-        "shards_total": len(shards),
-        "shards_skipped_already_committed": len(shards) - len(todo),
-        "shards_processed": len(results),
+        "shards_total": len(plan.shards),
+        "shards_skipped_already_committed": len(plan.shards) - len(plan.todo),
+        "shards_redone_for_storage_errors": len(plan.retry),
+        "shards_processed": len(done),
+        "shards_failed": {r["shard"]: redact(r["error"]) for r in results if r["error"]},
+        "shards_with_storage_errors": sum(1 for r in done if int(r["retryable_errors"])),
         "images": images,
-        "faces": sum(int(r["faces"]) for r in results),
-        "errors": sum(int(r["errors"]) for r in results),
+        "faces": sum(int(r["faces"]) for r in done),
+        "errors": sum(int(r["errors"]) for r in done),
         "errors_by_kind": dict(sorted(kinds.items())),
         "seconds": round(seconds, 3),
         "images_per_second": round(images / seconds, 3) if seconds > 0 else 0.0,
@@ -189,18 +236,25 @@ def summarise(run_id: str, shards: list[Shard], todo: list[Shard], results: list
 
 
 def run(config: AnnotateConfig) -> dict:
-    """Run the job; returns the summary (also written to ``_runs/<run_id>/summary.json``)."""
+    """Run the job; returns the summary (also written to ``_runs/<run_id>/summary.json``).
+
+    Raises :class:`JobError` for anything that stops the job before its work starts, and
+    :class:`ShardsFailed` (after writing the summary) when shards did not commit.
+    """
     run_id = config.run_id or new_run_id()
     print(f"annotate run {run_id}\n{format_config(config)}", flush=True)
     start = time.perf_counter()
-    store, shards, todo, _, model = prepare(config, run_id)
-    print(f"{len(shards)} shards, {len(shards) - len(todo)} already committed, {len(todo)} to do", flush=True)
-    results = run_pipeline(config, run_id, todo, model) if todo else []
-    missing = {s.id for s in shards} - store.committed_shards()
-    if missing:
-        raise JobError(f"{len(missing)} shards were not committed: {sorted(missing)[:5]}...")
-    summary = summarise(run_id, shards, todo, results, time.perf_counter() - start)
-    store.write_json(f"_runs/{run_id}/summary.json", summary)
+    try:
+        plan = prepare(config, run_id)
+    except JobError:
+        raise
+    except Exception as exc:  # a store or registry failing after its client's own retries
+        raise JobError(redact(f"{type(exc).__name__}: {exc}")) from exc
+    redo = f", {len(plan.retry)} of them again for storage errors" if plan.retry else ""
+    print(f"{len(plan.shards)} shards, {len(plan.shards) - len(plan.todo)} already committed, {len(plan.todo)} to do{redo}", flush=True)
+    results = run_pipeline(config, run_id, plan) if plan.todo else []
+    summary = summarise(run_id, plan, results, time.perf_counter() - start)
+    plan.store.write_json(f"_runs/{run_id}/summary.json", summary)
     print(
         f"annotate: {summary['images']} images, {summary['faces']} faces, {summary['errors']} errors "
         f"in {summary['seconds']:.1f} s = {summary['images_per_second']:.2f} images/s; "
@@ -209,6 +263,19 @@ def run(config: AnnotateConfig) -> dict:
         flush=True,
     )
     print(json.dumps(summary), flush=True)
+    if summary["shards_with_storage_errors"]:
+        print(
+            f"annotate: {summary['shards_with_storage_errors']} shards hold images the store failed to serve "
+            "(error_kind 'storage'); rerun the same command to retry just those",
+            flush=True,
+        )
+    failed = summary["shards_failed"]
+    if failed:
+        listed = "; ".join(f"{shard}: {error}" for shard, error in list(failed.items())[:5])
+        raise ShardsFailed(
+            f"{len(failed)} of {len(plan.todo)} shards did not commit after {config.shard_attempts} attempts ({listed}); "
+            "the others are committed: rerun the same command to do the rest"
+        )
     return summary
 
 
@@ -217,8 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(config)
     except JobError as exc:
-        print(f"annotate: error: {exc}", file=sys.stderr, flush=True)
+        print(f"annotate: error: {redact(str(exc))}", file=sys.stderr, flush=True)
         return 2
+    except ShardsFailed as exc:
+        print(f"annotate: error: {redact(str(exc))}", file=sys.stderr, flush=True)
+        return EXIT_SHARDS_FAILED
     return 0
 
 

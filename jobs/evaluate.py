@@ -23,7 +23,7 @@ import numpy as np
 from retinaface_core import DetectorSettings, StorageOptions
 from retinaface_core.evaluation import evaluate, format_ap_table, plot_pr_curves
 from retinaface_core.image_io import DEFAULT_MAX_PIXELS, fetch_image
-from retinaface_core.storage import filesystem, full_uri, write_file
+from retinaface_core.storage import filesystem, full_uri, redact, write_file
 from retinaface_core.widerface import WiderFormatError, read_ground_truth_mat, submission_rows, write_predictions
 
 from ._cluster import init_ray, pool_size
@@ -93,6 +93,15 @@ def image_names(uris: Sequence[str], root: str) -> dict[str, str]:
 
 def run(config: EvaluateConfig) -> dict:
     """Evaluate and write the report; returns the contents of ``ap.json``."""
+    try:
+        return _run(config)
+    except JobError:
+        raise
+    except Exception as exc:  # a store or registry failing after its client's own retries, a bad file
+        raise JobError(redact(f"{type(exc).__name__}: {exc}")) from exc
+
+
+def _run(config: EvaluateConfig) -> dict:
     import ray
 
     model, _ = resolve_model_identity(config.detector, config.s3)
@@ -162,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(config)
     except JobError as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr, flush=True)
+        print(f"evaluate: error: {redact(str(exc))}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -14,13 +14,17 @@ import warnings
 from dataclasses import dataclass
 
 import cv2
+import fsspec
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .storage import StorageOptions, filesystem
+from .storage import StorageOptions, filesystem, redact
 
 DEFAULT_MAX_PIXELS = 100_000_000
+
+RETRYABLE_KINDS = frozenset({"storage"})
+"""Error kinds that say nothing about the object: reading it again later may succeed."""
 
 # Truncated files must fail, not be padded with grey (Pillow's default, made explicit here
 # because other code in the same process may have flipped this global).
@@ -31,7 +35,9 @@ class ImageDecodeError(ValueError):
     """An object that cannot be turned into an image; the message names it and says why.
 
     ``kind`` is a short machine-readable reason: ``empty``, ``not_image``, ``truncated``,
-    ``corrupt``, ``too_large``, ``not_found``, ``permission_denied`` or ``unreadable``.
+    ``corrupt``, ``too_large``, ``not_found``, ``permission_denied`` or ``unreadable`` (all
+    permanent: the object itself is at fault), or ``storage`` (the store failed to serve it; a
+    later attempt may succeed, see :data:`RETRYABLE_KINDS`).
     """
 
     def __init__(self, message: str, kind: str = "corrupt") -> None:
@@ -122,19 +128,41 @@ def _bgr_array(rgb: Image.Image) -> np.ndarray:
     return cv2.cvtColor(rgbx.reshape(height, width, 4), cv2.COLOR_RGBA2BGR)
 
 
-def read_bytes(uri: str, storage: StorageOptions | None = None) -> bytes:
-    """All bytes of the object at ``uri``; missing and forbidden objects raise :class:`ImageDecodeError`."""
+def read_bytes(uri: str, storage: StorageOptions | None = None, max_bytes: int | None = None) -> bytes:
+    """All bytes of the object at ``uri``, failures raised as :class:`ImageDecodeError` by kind.
+
+    An object larger than ``max_bytes`` is ``too_large`` after one ranged read of
+    ``max_bytes + 1`` bytes: it is never read whole. A missing or forbidden object is
+    permanent (``not_found``, ``permission_denied``); any other failure of the store (5xx after
+    the client's own retries, timeouts, resets, throttling) is ``storage``, which may pass.
+    """
     try:
         fs, path = filesystem(uri, storage)
-        return fs.cat_file(path)
+        data = fs.cat_file(path) if max_bytes is None else _read_head(fs, path, max_bytes + 1)
     except FileNotFoundError as exc:
         raise ImageDecodeError(f"{uri}: no such object", "not_found") from exc
     except PermissionError as exc:
         raise ImageDecodeError(f"{uri}: permission denied ({exc})", "permission_denied") from exc
     except IsADirectoryError as exc:
         raise ImageDecodeError(f"{uri}: is a directory", "unreadable") from exc
-    except OSError as exc:
-        raise ImageDecodeError(f"{uri}: unreadable ({exc})", "unreadable") from exc
+    except Exception as exc:
+        raise ImageDecodeError(f"{uri}: storage error ({type(exc).__name__}: {exc})", "storage") from exc
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageDecodeError(f"{uri}: larger than the limit of {max_bytes:,} bytes", "too_large")
+    return data
+
+
+def _read_head(fs: fsspec.AbstractFileSystem, path: str, size: int) -> bytes:
+    """The first ``size`` bytes of an object (all of a smaller one) in one ranged read."""
+    try:
+        return fs.cat_file(path, start=0, end=size)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except OSError:
+        # An empty object has no byte range to serve (S3 answers 416).
+        if fs.size(path) == 0:
+            return b""
+        raise
 
 
 def read_image(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, storage: StorageOptions | None = None) -> np.ndarray:
@@ -154,23 +182,40 @@ class FetchedImage:
     decode_ms: float
 
 
-def fetch_image(uri: str, storage: StorageOptions | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> FetchedImage:
+def fetch_image(
+    uri: str,
+    storage: StorageOptions | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    max_bytes: int | None = None,
+    attempts: int = 1,
+    backoff: float = 1.0,
+) -> FetchedImage:
     """Read and decode one object, timing both; every per-image failure is returned, never raised.
 
+    A ``storage`` failure is tried again, up to ``attempts`` reads in all, after ``backoff``,
+    2 x ``backoff``, ... seconds: a store's brownout of seconds must not become an error row.
     ``error_kind`` is an :class:`ImageDecodeError` kind, or ``unreadable`` for any other failure
     of this one object (a batch job must not lose its other images to it).
     """
     start = time.perf_counter()
     read_done = None
     try:
-        data = read_bytes(uri, storage)
+        for attempt in range(attempts):
+            try:
+                data = read_bytes(uri, storage, max_bytes)
+                break
+            except ImageDecodeError as exc:
+                if exc.kind not in RETRYABLE_KINDS or attempt + 1 == attempts:
+                    raise
+                time.sleep(backoff * 2**attempt)
         read_done = time.perf_counter()
         image = decode_image(data, uri, max_pixels)
         error_kind = error = None
     except ImageDecodeError as exc:
-        image, error_kind, error = None, exc.kind, str(exc)
+        image, error_kind, error = None, exc.kind, redact(str(exc))
     except Exception as exc:
-        image, error_kind, error = None, "unreadable", f"{uri}: {type(exc).__name__}: {exc}"
+        image, error_kind, error = None, "unreadable", redact(f"{uri}: {type(exc).__name__}: {exc}")
     end = time.perf_counter()
     read_done = read_done or end
     return FetchedImage(uri, image, error_kind, error, (read_done - start) * 1e3, (end - read_done) * 1e3)

@@ -11,14 +11,24 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import s3fs
 from fsspec.implementations.local import LocalFileSystem
 
 S3_PROTOCOLS = ("s3", "s3a")
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<password>[^@/\s]*)@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL in it replaced,
+    for anything printed or stored (settings, error messages)."""
+    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 @dataclass(frozen=True)
@@ -41,10 +51,32 @@ class StorageOptions:
         return options
 
 
+class KeysAsWrittenS3FileSystem(s3fs.S3FileSystem):
+    """s3fs reading every key as written: ``photo?versionId=3.jpg`` is a key, not a version.
+
+    s3fs takes ``?versionId=`` in a path for an object version (and turns version-aware mode on
+    for such a URL), so objects whose names hold it could not be read; the jobs never address
+    object versions.
+    """
+
+    def split_path(self, path: str) -> tuple[str, str, None]:
+        trail = path[len(path.rstrip("/")) :]
+        path = self._strip_protocol(path).lstrip("/")
+        if "/" not in path:
+            return path, "", None
+        bucket, key = self._find_bucket_key(path)
+        return bucket, key + trail, None
+
+
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a local path, ``file://`` or any fsspec URI."""
     protocol = fsspec.utils.get_protocol(uri)
-    fs, path = fsspec.core.url_to_fs(uri, **(options or StorageOptions()).for_protocol(protocol))
+    kwargs = (options or StorageOptions()).for_protocol(protocol)
+    if protocol in S3_PROTOCOLS:
+        fs: fsspec.AbstractFileSystem = KeysAsWrittenS3FileSystem(**kwargs)
+        path = fs._strip_protocol(uri)
+    else:
+        fs, path = fsspec.core.url_to_fs(uri, **kwargs)
     return fs, path.rstrip("/") if path not in ("/", "") else path
 
 
@@ -78,6 +110,36 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def write_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; True if this call created it.
+
+    Of two writers racing for the same name exactly one wins, whole: object stores get a
+    conditional PUT (``If-None-Match: *``, which S3 and compatible stores honour); a local file
+    is written under a temporary name and hard-linked to the final one, which fails if the
+    name exists.
+    """
+    if isinstance(fs, LocalFileSystem):
+        folder = posixpath.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
 
 
 def write_file(uri: str, data: bytes, options: StorageOptions | None = None) -> None:

@@ -3,7 +3,7 @@
 One nested table rather than an images table and a faces table, so that a shard's whole result
 is a single Parquet object: writing it is the shard's atomic commit (see ``docs/annotate.md``).
 The ``shard`` column is not stored in the files; it comes from the hive partition directory
-(``annotations/shard=<id>/part-0.parquet``), which is what lets readers prune by shard.
+(``annotations/shard=<id>/part-<fingerprint>.parquet``), which is what lets readers prune by shard.
 
 Conventions: coordinates are float32 pixels of the image as displayed (EXIF orientation
 applied), x to the right, y down; landmarks are left eye, right eye, nose, left mouth corner,
@@ -19,7 +19,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 SCHEMA_VERSION = 1
-METADATA_KEY = b"retinaface.annotation.schema_version"
+SETTINGS_METADATA_KEY = b"retinaface.annotation.settings"
+"""Parquet metadata key of each shard file: the JSON of the settings it was made with (schema
+version, model, detector settings, limits), as in ``_dataset.json``: every shard describes itself."""
 
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
@@ -52,7 +54,6 @@ ANNOTATION_SCHEMA = pa.schema(
         pa.field("quality_ms", pa.float32(), nullable=False),
         pa.field("faces", pa.list_(pa.field("item", FACE_STRUCT, nullable=False)), nullable=False),
     ],
-    metadata={METADATA_KEY: str(SCHEMA_VERSION).encode()},
 )
 
 # What a reader sees: the stored columns plus the hive partition column.

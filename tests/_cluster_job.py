@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
+from jobs._cluster import forget_cluster
 from jobs._config import from_values
 from jobs.annotate import AnnotateConfig, run
 
@@ -44,12 +45,12 @@ def main(input_uri: str, output: str) -> None:
     thread.start()
     shard_files = Path(output).glob
     deadline = time.monotonic() + 240
-    while len(list(shard_files("annotations/shard=*/part-0.parquet"))) < 2 or ray.available_resources().get("CPU", 0) > 0:
+    while len(list(shard_files("annotations/shard=*/part-*.parquet"))) < 2 or ray.available_resources().get("CPU", 0) > 0:
         if not thread.is_alive() or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     free_cpus = ray.available_resources().get("CPU", 0)
-    committed = len(list(shard_files("annotations/shard=*/part-0.parquet")))
+    committed = len(list(shard_files("annotations/shard=*/part-*.parquet")))
     cluster.remove_node(workers[0])
     time.sleep(2)
     cluster.add_node(num_cpus=1)
@@ -62,6 +63,7 @@ def main(input_uri: str, output: str) -> None:
     }
     ray.shutdown()
     cluster.shutdown()
+    forget_cluster(cluster.address)
     print(json.dumps(report, default=str), flush=True)
     sys.exit(0 if "summary" in outcome else 1)
 

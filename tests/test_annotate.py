@@ -350,7 +350,7 @@ def subprocess_env(repo_root: Path) -> dict[str, str]:
 
 
 def committed(output: Path) -> dict[str, bytes]:
-    return {p.parent.name: p.read_bytes() for p in output.glob("annotations/shard=*/part-0.parquet")}
+    return {p.parent.name: p.read_bytes() for p in output.glob("annotations/shard=*/part-*.parquet")}
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from jobs._cluster import forget_cluster
 from jobs._local_s3 import free_port, s3_environment, server_command
 
 STATE_DIR = Path(os.environ.get("DEVSTACK_DIR", Path(__file__).resolve().parents[2] / ".devstack"))
@@ -152,6 +153,7 @@ def down() -> None:
     left = group_members(state["ray_pid"]) + group_members(state["s3_pid"])
     if left:
         raise SystemExit(f"devstack: processes still running after stop: {left}")
+    forget_cluster(f"127.0.0.1:{state['ray_port']}")
     STATE_FILE.unlink()
     print("devstack: stopped")
 
