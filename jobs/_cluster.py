@@ -31,10 +31,12 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
 
 
-def forget_cluster(address: str) -> None:
+def forget_cluster(gcs_port: int) -> None:
     """Remove Ray's note of the "current" cluster (``/tmp/ray/ray_current_cluster``) if it names
-    ``address``: a cluster started with ``ray start`` or ``ray.cluster_utils.Cluster`` leaves it
-    behind when it stops, and every bare ``ray.init()`` afterwards would wait on the dead address."""
+    the GCS at ``gcs_port``: a cluster started with ``ray start`` or ``ray.cluster_utils.Cluster``
+    leaves it behind when it stops, and every bare ``ray.init()`` afterwards would wait on the
+    dead address. The port decides, since Ray writes the node's own IP even for a head started
+    on 127.0.0.1."""
     from ray._private.utils import get_ray_address_file
 
     path = get_ray_address_file(None)
@@ -43,5 +45,5 @@ def forget_cluster(address: str) -> None:
             named = f.read().strip()
     except FileNotFoundError:
         return
-    if named == address:
+    if named.rpartition(":")[2] == str(gcs_port):
         os.remove(path)

@@ -63,7 +63,7 @@ def main(input_uri: str, output: str) -> None:
     }
     ray.shutdown()
     cluster.shutdown()
-    forget_cluster(cluster.address)
+    forget_cluster(int(cluster.address.rpartition(":")[2]))
     print(json.dumps(report, default=str), flush=True)
     sys.exit(0 if "summary" in outcome else 1)
 

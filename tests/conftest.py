@@ -72,6 +72,26 @@ def gt_dir(shared_dir: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_stale_ray_address() -> Iterator[None]:
+    """Fail the session if it leaves /tmp/ray/ray_current_cluster naming a Ray that no longer
+    runs: every bare ``ray.init()`` on this machine would then wait minutes on it."""
+    import socket
+
+    from ray._private.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    before = path.read_text() if path.exists() else None
+    yield
+    if not path.exists() or path.read_text() == before:
+        return
+    host, _, port = path.read_text().strip().rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        pytest.fail(f"the test session left {path} naming {host}:{port}, where no Ray runs")
+
+
 @pytest.fixture(scope="session")
 def random_weights():
     """A seeded, randomly initialised MobileNet-0.25 RetinaFace whose outputs spread like a trained

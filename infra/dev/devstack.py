@@ -153,7 +153,7 @@ def down() -> None:
     left = group_members(state["ray_pid"]) + group_members(state["s3_pid"])
     if left:
         raise SystemExit(f"devstack: processes still running after stop: {left}")
-    forget_cluster(f"127.0.0.1:{state['ray_port']}")
+    forget_cluster(state["ray_port"])
     STATE_FILE.unlink()
     print("devstack: stopped")
 
