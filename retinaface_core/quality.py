@@ -257,7 +257,8 @@ def model_features(scores: np.ndarray, q: FaceQuality) -> np.ndarray:
     (``benchmarks/fit_quality.py``): the square root of the clipped fraction (1 - exposure)
     spreads the few percent that tell a badly lit face from a good one (held-out AUC for
     illumination 0.54-0.60 against 0.47 for exposure as is); the detection score as is rather
-    than its logit, which lets a few faces at 0.9999 dominate. The face size enters as log2 px
+    than its logit, which spreads the faces above 0.99 over a wide range (held-out AUC for pose
+    0.72 against 0.68, the others within 0.01). The face size enters as log2 px
     (clipped at 1 px), the angles as absolute degrees: the model is mirror-symmetric.
     Contrast is not used: its effect has no known direction, and left free its weight fitted
     the few images with extreme lighting (held-out AUC for blur 0.62, illumination 0.46).
