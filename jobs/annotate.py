@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from retinaface_core import DetectorSettings, StorageOptions
 from retinaface_core.image_io import DEFAULT_MAX_PIXELS
+from retinaface_core.quality import QUALITY_MODEL_VERSION
 from retinaface_core.storage import redact
 from schemas.annotation import SCHEMA_VERSION
 
@@ -108,6 +109,7 @@ def output_settings(config: AnnotateConfig, model: ModelIdentity) -> dict:
         "model_version": model.version,
         "model_checkpoint": redact(model.checkpoint) if model.checkpoint else None,
         "model_sha256": model.sha256,
+        "quality_model_version": QUALITY_MODEL_VERSION,
         **config.fingerprint(),
     }
 

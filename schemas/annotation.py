@@ -11,6 +11,14 @@ right mouth corner, left/right as seen in the image. Angles are degrees, times m
 
 Bump ``SCHEMA_VERSION`` on any change; the job refuses to resume into an output written with
 another version.
+
+Versions:
+
+1. First version.
+2. Face column ``exposure`` (1 - fraction of clipped pixels) added before ``quality``;
+   ``sharpness`` is now in [0, 1] and independent of face size, and ``quality`` is the fitted
+   composite of ``retinaface_core/quality_model.json`` (issue 14). Values of the same name
+   mean something else than in version 1, so the two must not share an output.
 """
 
 from __future__ import annotations
@@ -18,14 +26,14 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SETTINGS_METADATA_KEY = b"retinaface.annotation.settings"
 """Parquet metadata key of each shard file: the JSON of the settings it was made with (schema
 version, model, detector settings, limits), as in ``_dataset.json``: every shard describes itself."""
 
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
-QUALITY_COLUMNS = ("face_size", "sharpness", "yaw", "pitch", "roll", "brightness", "contrast", "quality")
+QUALITY_COLUMNS = ("face_size", "sharpness", "yaw", "pitch", "roll", "brightness", "contrast", "exposure", "quality")
 
 FACE_STRUCT = pa.struct(
     [pa.field("face_index", pa.int32(), nullable=False)]

@@ -61,9 +61,10 @@ def main(input_uri: str, output: str) -> None:
         "free_cpus_before_removal": free_cpus,
         **outcome,
     }
+    gcs_port = int(cluster.address.rpartition(":")[2])
     ray.shutdown()
     cluster.shutdown()
-    forget_cluster(int(cluster.address.rpartition(":")[2]))
+    forget_cluster(gcs_port)
     print(json.dumps(report, default=str), flush=True)
     sys.exit(0 if "summary" in outcome else 1)
 
