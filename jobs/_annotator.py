@@ -61,6 +61,28 @@ def decode_shards(batch: dict[str, np.ndarray], config: AnnotateConfig) -> dict[
     return {**batch, "payload": np.array(payloads, dtype=object)}
 
 
+class CommitFailed(RuntimeError):
+    """A shard's object could not be written after its retries."""
+
+
+def with_retries(
+    action: Callable[[], Any],
+    attempts: int,
+    backoff: float,
+    what: str,
+    retry_if: Callable[[Exception], bool] = lambda exc: True,
+) -> Any:
+    """``action()``, tried up to ``attempts`` times, waiting ``backoff``, 2 x ``backoff``, ... seconds."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as exc:
+            if attempt + 1 == attempts or not retry_if(exc):
+                raise
+            log.warning("%s, attempt %d of %d failed (%s: %s); trying again", what, attempt + 1, attempts, type(exc).__name__, exc)
+            time.sleep(backoff * 2**attempt)
+
+
 def decode_ahead(
     pool: ThreadPoolExecutor,
     fetch_one: Callable[[str], FetchedImage],
@@ -130,19 +152,19 @@ class ShardAnnotator:
         payloads = batch.get("payload")
         for i, (shard_id, uris, marked) in enumerate(zip(batch["shard"], batch["uris"], batch["retry"])):
             shard_id, uris = str(shard_id), [str(u) for u in uris]
-            attempts = self.config.shard_attempts
-            for attempt in range(attempts):
-                try:
-                    decoded = pickle.loads(payloads[i]) if payloads is not None else self._decode_ahead(uris)
-                    summaries.append(self._annotate_shard(shard_id, decoded, bool(marked)))
-                    break
-                except Exception as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-                    if attempt + 1 == attempts:
-                        summaries.append({**_summary(shard_id, []), "error": error})
-                    else:
-                        log.warning("shard %s, attempt %d of %d failed (%s); trying again", shard_id, attempt + 1, attempts, error)
-                        time.sleep(self.config.retry_backoff * 2**attempt)
+            payload = payloads[i] if payloads is not None else None
+            try:
+                summaries.append(
+                    with_retries(
+                        lambda: self._annotate_shard(shard_id, pickle.loads(payload) if payload else self._decode_ahead(uris), bool(marked)),
+                        self.config.shard_attempts,
+                        self.config.retry_backoff,
+                        f"shard {shard_id}",
+                        retry_if=lambda exc: not isinstance(exc, CommitFailed),
+                    )
+                )
+            except Exception as exc:
+                summaries.append({**_summary(shard_id, []), "error": f"{type(exc).__name__}: {exc}"})
         return {key: np.array([s[key] for s in summaries]) for key in summaries[0]}
 
     def _decode_ahead(self, uris: list[str]) -> Iterator[FetchedImage]:
@@ -178,7 +200,17 @@ class ShardAnnotator:
         # The mark goes first: a run that dies between the two still leaves the shard to redo.
         if retryable:
             self.store.mark_retry(shard_id, retryable)
-        self.store.commit_shard(shard_id, self.fingerprint, parquet_bytes(table, compression="zstd"))
+        data = parquet_bytes(table, compression="zstd")
+        try:
+            # A commit that fails is retried on its own: the rows are in memory, nothing is redone.
+            with_retries(
+                lambda: self.store.commit_shard(shard_id, self.fingerprint, data),
+                self.config.shard_attempts,
+                self.config.retry_backoff,
+                f"commit of shard {shard_id}",
+            )
+        except Exception as exc:
+            raise CommitFailed(f"{type(exc).__name__}: {exc}") from exc
         if marked and not retryable:
             self.store.clear_retry(shard_id)
         return {**_summary(shard_id, images), "faces": int(sum(len(f["score"]) for f in faces if f is not None)), "seconds": time.perf_counter() - start}

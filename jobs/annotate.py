@@ -26,6 +26,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from retinaface_core import DetectorSettings, StorageOptions
 from retinaface_core.image_io import DEFAULT_MAX_PIXELS
 from retinaface_core.quality import QUALITY_MODEL_VERSION
@@ -44,7 +47,7 @@ class AnnotateConfig:
 
     input: str = field(metadata={"help": "URI prefix listed recursively for images, or a manifest (.txt/.lst/.csv one URI per line, or .parquet with a 'uri' column)"})
     output: str = field(metadata={"help": "output dataset URI (local path, file://, s3://, ...)"})
-    images_per_shard: int = field(default=64, metadata={"help": "images per shard, the unit of work and of commit"})
+    images_per_shard: int = field(default=1000, metadata={"help": "images per output file, the unit of commit (fewer when there are too few new images to give every actor a shard)"})
     detector: DetectorSettings = field(default_factory=lambda: DetectorSettings(scale="long:640"), metadata={"flatten": ""})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "images with more pixels become error rows (decompression bombs)"})
     max_bytes: int = field(default=256 * 2**20, metadata={"help": "objects larger than this many bytes become error rows without being read whole"})
@@ -80,7 +83,7 @@ class AnnotateConfig:
         with other values would mix two kinds of results in one dataset. Where the model came
         from (a name, then its path) may differ; its sha256, recorded beside these, may not."""
         detector = {k: v for k, v in dataclasses.asdict(self.detector).items() if k not in ("weights", "model")}
-        return {**detector, "max_pixels": self.max_pixels, "max_bytes": self.max_bytes, "images_per_shard": self.images_per_shard}
+        return {**detector, "max_pixels": self.max_pixels, "max_bytes": self.max_bytes}
 
 
 def new_run_id() -> str:
@@ -89,14 +92,22 @@ def new_run_id() -> str:
 
 @dataclass
 class Plan:
-    """What a run does, decided on the driver before any Ray work."""
+    """What a run does, decided on the driver before any Ray work.
+
+    ``new`` are the listed URIs that no committed shard holds (sorted; cut into shards once the
+    pool size is known), ``retry`` the committed shards to redo for their storage errors (id ->
+    their URIs), ``removed`` the committed URIs the listing no longer has (reported, kept).
+    """
 
     store: OutputStore
-    shards: list[Shard]
-    todo: list[Shard]
-    retry: set[str]  # ids in todo that are committed but hold storage-error rows
+    listed: int
+    committed: int
+    new: pa.StringArray
+    retry: dict[str, list[str]]
+    removed: pa.StringArray
     settings: dict
     model: ModelIdentity
+    todo: list[Shard] = field(default_factory=list)
 
 
 def output_settings(config: AnnotateConfig, model: ModelIdentity) -> dict:
@@ -124,19 +135,18 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
     Raises :class:`JobError` with a message naming the problem: bad settings, a checkpoint that
     cannot be found, an input that cannot be listed, an output that cannot be written, or an
     output written with other settings (by an earlier run, by a concurrent one, or found in a
-    shard's own name) or from another input.
+    shard's own name).
     """
     if config.batch_size < 1 or (config.actors is not None and config.actors < 1):
         raise JobError("--batch-size and --actors must be >= 1")
     if config.num_cpus_per_actor <= 0 and config.num_gpus_per_actor <= 0:
         raise JobError("an actor needs --num-cpus-per-actor > 0 or --num-gpus-per-actor > 0")
-    if min(config.read_attempts, config.shard_attempts, config.max_bytes, config.decode_window_mb, config.decode_threads) < 1:
-        raise JobError("--read-attempts, --shard-attempts, --max-bytes, --decode-window-mb and --decode-threads must be >= 1")
+    if min(config.images_per_shard, config.read_attempts, config.shard_attempts, config.max_bytes, config.decode_window_mb, config.decode_threads) < 1:
+        raise JobError("--images-per-shard, --read-attempts, --shard-attempts, --max-bytes, --decode-window-mb and --decode-threads must be >= 1")
     model, _ = resolve_model_identity(config.detector, config.s3)
     store = OutputStore(config.output, config.s3)
     store.check_writable()
     uris = list_input(config.input, config.s3)
-    shards = make_shards(uris, config.images_per_shard)
     if config.overwrite:
         store.clear()
     settings = output_settings(config, model)
@@ -162,18 +172,34 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
             f"_dataset.json says (e.g. shard {shard}: {found or 'written by an older version'}); "
             "use --overwrite to start over, or another --output"
         )
-    foreign = listing.committed.keys() - {s.id for s in shards}
-    if foreign:
-        # Shards are slices of the sorted listing: after the input changed, old shards would
-        # hold second copies of rows that new shards also hold.
-        raise JobError(
-            f"output {config.output} holds {len(foreign)} committed shards that are not shards of this input "
-            f"(the input changed, or another input was written here); use --overwrite, or another --output"
-        )
+    # What is already annotated comes from the output itself (its uri column), so a grown input
+    # gets only its new objects annotated, in new shards, and no URI is ever annotated twice.
+    done = store.read_uris(listing.committed)
+    done_uris = done.column("uri").combine_chunks()
+    new = uris.filter(pc.invert(pc.is_in(uris, value_set=done_uris)))
+    removed = done_uris.filter(pc.invert(pc.is_in(done_uris, value_set=uris)))
+    retry_ids = sorted(listing.retry & listing.committed.keys())
+    retry = {
+        shard: done.filter(pc.equal(done.column("shard"), shard)).column("uri").to_pylist() for shard in retry_ids
+    }
     store.write_json(f"_runs/{run_id}/config.json", {"run_id": run_id, **config_dict(config)})
-    retry = listing.retry & listing.committed.keys()
-    todo = [s for s in shards if s.id not in listing.committed or s.id in retry]
-    return Plan(store, shards, todo, retry, settings, model)
+    return Plan(store, len(uris), len(listing.committed), new, retry, removed, settings, model)
+
+
+def cut_shards(plan: Plan, images_per_shard: int, actors: int) -> list[Shard]:
+    """The shards to do: those to redo, then the new URIs in consecutive shards of
+    ``images_per_shard``, cut finer when there are too few to give each actor one."""
+    size = max(1, min(images_per_shard, -(-len(plan.new) // actors)))
+    return [Shard(shard, uris) for shard, uris in plan.retry.items()] + make_shards(plan.new, size)
+
+
+def _shard_row(shard: Shard, retry: bool) -> pa.Table:
+    uris = shard.uris if isinstance(shard.uris, pa.Array) else pa.array(shard.uris, pa.string())
+    return pa.table({
+        "shard": [shard.id],
+        "uris": pa.ListArray.from_arrays(pa.array([0, len(uris)], pa.int32()), uris),
+        "retry": [retry],
+    })
 
 
 def run_pipeline(config: AnnotateConfig, run_id: str, plan: Plan) -> list[dict]:
@@ -183,16 +209,18 @@ def run_pipeline(config: AnnotateConfig, run_id: str, plan: Plan) -> list[dict]:
     from ._annotator import ShardAnnotator, decode_shards
 
     init_ray(config.ray_address)
-    todo = plan.todo
+    pool = config.actors or pool_size(ray.cluster_resources(), config.num_cpus_per_actor, config.num_gpus_per_actor)
+    plan.todo = todo = cut_shards(plan, config.images_per_shard, pool)
     # An actor without a shard to work on would only load a model.
-    actors = min(
-        len(todo), config.actors or pool_size(ray.cluster_resources(), config.num_cpus_per_actor, config.num_gpus_per_actor)
+    actors = min(len(todo), pool)
+    print(
+        f"{len(todo)} shards to do ({len(plan.retry)} again for storage errors); detector actors: {actors}, "
+        f"torch threads per actor: {config.threads_per_actor}, decode: {config.decode_mode}",
+        flush=True,
     )
-    print(f"detector actors: {actors}, torch threads per actor: {config.threads_per_actor}, decode: {config.decode_mode}", flush=True)
-    # One block per shard, so that the actor pool hands shards out one at a time.
-    ds = ray.data.from_items(
-        [{"shard": s.id, "uris": list(s.uris), "retry": s.id in plan.retry} for s in todo], override_num_blocks=len(todo)
-    )
+    # One block per shard, so that the actor pool hands shards out one at a time; the URIs go as
+    # Arrow lists, never as Python strings.
+    ds = ray.data.from_arrow([_shard_row(s, s.id in plan.retry) for s in todo])
     if config.decode_mode == "tasks":
         ds = ds.map_batches(decode_shards, fn_kwargs={"config": config}, batch_size=1, num_cpus=config.decode_cpus)
     gpus = config.num_gpus_per_actor
@@ -222,8 +250,11 @@ def summarise(run_id: str, plan: Plan, results: list[dict], seconds: float) -> d
         kinds.update(json.loads(r["errors_by_kind"]))
     return {
         "run_id": run_id,
-        "shards_total": len(plan.shards),
-        "shards_skipped_already_committed": len(plan.shards) - len(plan.todo),
+        "images_listed": plan.listed,
+        "images_new": len(plan.new),
+        "images_removed_from_input": len(plan.removed),
+        "shards_total": plan.committed + len(plan.todo) - len(plan.retry),
+        "shards_skipped_already_committed": plan.committed - len(plan.retry),
         "shards_redone_for_storage_errors": len(plan.retry),
         "shards_processed": len(done),
         "shards_failed": {r["shard"]: redact(r["error"]) for r in results if r["error"]},
@@ -252,9 +283,19 @@ def run(config: AnnotateConfig) -> dict:
         raise
     except Exception as exc:  # a store or registry failing after its client's own retries
         raise JobError(redact(f"{type(exc).__name__}: {exc}")) from exc
-    redo = f", {len(plan.retry)} of them again for storage errors" if plan.retry else ""
-    print(f"{len(plan.shards)} shards, {len(plan.shards) - len(plan.todo)} already committed, {len(plan.todo)} to do{redo}", flush=True)
-    results = run_pipeline(config, run_id, plan) if plan.todo else []
+    print(
+        f"{plan.listed} images listed, {plan.listed - len(plan.new)} already annotated in {plan.committed} committed shards, "
+        f"{len(plan.new)} new; {len(plan.retry)} shards to redo for storage errors",
+        flush=True,
+    )
+    if len(plan.removed):
+        examples = ", ".join(plan.removed[:3].to_pylist())
+        print(
+            f"annotate: warning: {len(plan.removed)} annotated images are no longer in the input (e.g. {examples}); "
+            "their rows stay in the output",
+            flush=True,
+        )
+    results = run_pipeline(config, run_id, plan) if len(plan.new) or plan.retry else []
     summary = summarise(run_id, plan, results, time.perf_counter() - start)
     plan.store.write_json(f"_runs/{run_id}/summary.json", summary)
     print(

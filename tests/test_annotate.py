@@ -121,15 +121,18 @@ def test_prefix_listing_is_recursive_sorted_and_case_insensitive(s3_server, make
     upload(bucket, {n: b"x" for n in names})
     listed = list_input(f"s3://{bucket}/")
     wanted = sorted(f"s3://{bucket}/{n}" for n in names if not n.endswith((".txt", ".gif")))
-    assert listed == wanted
+    assert listed.to_pylist() == wanted
     shards = make_shards(listed, 2)
     assert [s.id for s in shards] == [s.id for s in make_shards(list_input(f"s3://{bucket}"), 2)]
     assert len({s.id for s in shards}) == 3 and [len(s.uris) for s in shards] == [2, 2, 2]
     with fsspec.open(f"s3://{bucket}/manifests/m.parquet", "wb") as f:
         pq.write_table(pa.table({"uri": wanted[::-1]}), f)
-    assert list_input(f"s3://{bucket}/manifests/m.parquet") == wanted
+    assert list_input(f"s3://{bucket}/manifests/m.parquet").to_pylist() == wanted
+    with pytest.raises(JobError, match="nothing below it"):
+        list_input(f"s3://{bucket}/d.bmp/")
+    upload(bucket, {"only-text/readme.txt": b"x"})
     with pytest.raises(JobError, match="no images found"):
-        list_input(f"s3://{bucket}/a/skip.gif/")
+        list_input(f"s3://{bucket}/only-text/")
 
 
 def test_end_to_end_one_row_per_object_with_reasons(annotated):
@@ -213,11 +216,6 @@ def test_job_errors_fail_fast(annotated, tmp_path):
         run(job_config("s3://" + manifest[5:].split("/")[0] + "/nothing-here/", str(tmp_path / "b")))
     with pytest.raises(JobError, match="other settings.*score_threshold"):
         run(job_config(manifest, output, score_threshold=0.7))
-    fs, path = fsspec.core.url_to_fs(manifest)
-    changed = tmp_path / "changed.txt"
-    changed.write_text(fs.cat_file(path).decode().replace("in/photos/astronaut.jpg", "in/photos/renamed.jpg"))
-    with pytest.raises(JobError, match="not shards of this input"):
-        run(job_config(str(changed), output))
     assert not (tmp_path / "a" / "annotations").exists()
 
 
@@ -454,3 +452,34 @@ def test_default_pool_fills_the_cluster_with_one_actor_per_share():
     assert pool_size({"CPU": 16.0, "GPU": 4.0}, 1.0, 0.5) == 8
     assert pool_size({"CPU": 7.0}, 2.0, 0.0) == 3
     assert pool_size({"CPU": 0.5}, 1.0, 0.0) == 1, "a cluster smaller than one share still gets one actor"
+
+
+def test_grown_input_gets_only_its_new_images_and_a_shrunk_one_is_reported(ray_session, make_bucket, tmp_path, capsys):
+    photos = generated_images()
+    bucket = make_bucket("incremental")
+    names = [f"day1/{i:02d}_{n.split('/')[-1]}" for i, n in enumerate(sorted(photos) * 3)][:30]
+    upload(bucket, {n: photos[sorted(photos)[i % len(photos)]] for i, n in enumerate(names)})
+    output = str(tmp_path / "out")
+    config = job_config(f"s3://{bucket}/", output, images_per_shard=8, scale="long:320")
+    first = run(config)
+    assert first["images"] == 30 and first["images_new"] == 30
+    before = committed(tmp_path / "out")
+
+    added = [f"day2/{i:02d}.jpg" for i in range(10)]
+    upload(bucket, {n: photos["photos/astronaut.jpg"] for n in added})
+    second = run(config)
+    assert second["images_listed"] == 40 and second["images_new"] == 10 and second["images"] == 10
+    rows = read_output(output)
+    assert len(rows) == 40 and rows["uri"].is_unique, "each image exactly once"
+    assert set(rows.loc[rows["uri"].str.contains("/day2/"), "run_id"]) == {second["run_id"]}
+    assert all(committed(tmp_path / "out")[shard] == data for shard, data in before.items()), "old shards untouched"
+
+    gone = names[:5]
+    fs = fsspec.filesystem("s3")
+    fs.rm([f"{bucket}/{n}" for n in gone])
+    fs.invalidate_cache()
+    capsys.readouterr()
+    third = run(config)
+    assert third["images_removed_from_input"] == 5 and third["images"] == 0
+    assert "5 annotated images are no longer in the input" in capsys.readouterr().out
+    assert len(read_output(output)) == 40, "rows of deleted objects are reported, not dropped"

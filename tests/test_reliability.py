@@ -27,9 +27,9 @@ from PIL import Image
 
 from jobs._annotator import decode_ahead
 from jobs._config import from_values
-from jobs._samples import encode, generated_images
+from jobs._samples import generated_images
 from jobs._storage import JobError, make_shards
-from jobs.annotate import EXIT_SHARDS_FAILED, AnnotateConfig, ShardsFailed, main, run
+from jobs.annotate import EXIT_SHARDS_FAILED, AnnotateConfig, main, run
 from retinaface_core.image_io import fetch_image
 from retinaface_core.storage import filesystem
 from schemas.annotation import partitioning
