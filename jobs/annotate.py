@@ -75,6 +75,13 @@ class AnnotateConfig:
         return "tasks" if self.num_gpus_per_actor > 0 else "actor"
 
     @property
+    def shard_images(self) -> int:
+        """Images per shard: ``--images-per-shard``, at most 64 with ``--decode tasks``, whose
+        decode task hands a whole shard's pixels to the actor in one object (1,000 decoded photos
+        would be gigabytes)."""
+        return self.images_per_shard if self.decode_mode == "actor" else min(self.images_per_shard, 64)
+
+    @property
     def threads_per_actor(self) -> int:
         return self.torch_threads or max(1, round(self.num_cpus_per_actor))
 
@@ -210,7 +217,7 @@ def run_pipeline(config: AnnotateConfig, run_id: str, plan: Plan) -> list[dict]:
 
     init_ray(config.ray_address)
     pool = config.actors or pool_size(ray.cluster_resources(), config.num_cpus_per_actor, config.num_gpus_per_actor)
-    plan.todo = todo = cut_shards(plan, config.images_per_shard, pool)
+    plan.todo = todo = cut_shards(plan, config.shard_images, pool)
     # An actor without a shard to work on would only load a model.
     actors = min(len(todo), pool)
     print(
