@@ -113,7 +113,7 @@ def test_training_run_on_s3_reloads_and_registers(ray_session, wider_s3: str, sh
     summary = run(cfg)
     metrics = summary["metrics"]
     assert metrics["epoch"] == 3 and metrics["resumed_from_epoch"] == 0
-    assert summary["checkpoint"].startswith(f"{bucket}/runs/finetune/")
+    assert summary["checkpoint"].startswith(f"s3://{bucket}/runs/finetune/checkpoint_")
 
     history = _reported_metrics(f"s3://{bucket}/runs/finetune")
     assert [m["epoch"] for m in history] == [0, 1, 2, 3]
