@@ -7,6 +7,7 @@ code   meaning
 1      crashed: an unexpected error, with its traceback
 2      failed: a reported error in one line (bad flag, checkpoint, data, registry, training run)
 3      refused: the model was trained and registered, but the promotion gate kept the current one
+130    interrupted (Ctrl-C, ``jobs.train``): rerunning the same command resumes
 =====  ==========================================================================================
 
 2 is also what argparse exits with on a bad command line, and what ``jobs.annotate`` and
@@ -24,3 +25,4 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILED = 2
     REFUSED = 3
+    INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C

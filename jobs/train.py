@@ -17,8 +17,8 @@ with the same ``--name`` and ``--storage`` resumes from the latest checkpoint (C
 command); ``--max-failures`` restarts the worker group from it after a crash. At the end the
 final model is registered under ``--registry`` (and promoted with ``--promote`` if it passes the
 gate). Fine-tuning from a checkpoint (any ``--init`` but ``scratch``) defaults to frozen
-BatchNorm and a tenth of the learning rate. Exit status: see :mod:`jobs._exit`. See
-``docs/train.md``.
+BatchNorm, a small learning rate and no targets below the smallest anchors. Exit status: see
+:mod:`jobs._exit`. See ``docs/train.md``.
 """
 
 from __future__ import annotations
@@ -491,7 +491,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """
     init = resolve_init(cfg)
     init_ray(cfg.ray_address)
-    result = build_trainer(cfg, init=init).fit()
+    try:
+        result = build_trainer(cfg, init=init).fit()
+    except SystemExit as exc:
+        # Ray Train's own SIGINT handler aborts the run gracefully, then exits with status 0,
+        # which would tell a scheduler that the run succeeded.
+        raise KeyboardInterrupt from exc
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.name} finished without a checkpoint")
     pruned = prune_checkpoints(cfg, result)
@@ -546,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        return 130
+        return ExitCode.INTERRUPTED
     except (JobError, ray.train.TrainingFailedError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         print(f"train: error: {first_line}", file=sys.stderr, flush=True)
