@@ -29,7 +29,6 @@ import posixpath
 import shlex
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +82,7 @@ SCRATCH_LR = 1e-3
 FINETUNE_LR = 5e-5
 SCRATCH_MIN_FACE = 2.0
 FINETUNE_MIN_FACE = 8.0
+RAY_DEFAULT_STORAGE = "~/ray_results"  # where Ray Train puts runs without --storage
 
 
 @dataclass
@@ -455,7 +455,7 @@ def register_result(cfg: TrainConfig, checkpoint: Checkpoint) -> dict[str, Any]:
 
 def run_uri(cfg: TrainConfig) -> str:
     """Where the run's checkpoints are, as a URI ``--init`` and ``--checkpoint`` accept."""
-    root = cfg.storage.rstrip("/") if cfg.storage else str(Path("~/ray_results").expanduser())
+    root = cfg.storage.rstrip("/") if cfg.storage else str(Path(RAY_DEFAULT_STORAGE).expanduser())
     return posixpath.join(root, cfg.name)
 
 
@@ -468,7 +468,7 @@ def prune_checkpoints(cfg: TrainConfig, result: ray.train.Result | None = None) 
     """
     if result is None:
         storage_path, storage_fs = storage_filesystem(cfg)
-        run_path = posixpath.join(storage_path or str(Path("~/ray_results").expanduser()), cfg.name)
+        run_path = posixpath.join(storage_path or str(Path(RAY_DEFAULT_STORAGE).expanduser()), cfg.name)
         try:
             result = ray.train.Result.from_path(run_path, storage_filesystem=storage_fs)
         except RuntimeError:
@@ -522,6 +522,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     ]
     if "val_ap" in metrics:
         lines.append("val AP easy/medium/hard: " + " / ".join(f"{metrics['val_ap'][level]:.4f}" for level in LEVELS))
+    if summary.get("pruned_checkpoints"):
+        lines.append(f"removed {len(summary['pruned_checkpoints'])} checkpoint folder(s) an interrupted run left behind")
     registered = summary.get("registry")
     if registered:
         verb = "registered" if registered["new"] else "already registered as"

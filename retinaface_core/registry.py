@@ -334,7 +334,7 @@ def resolve_model(uri: str, storage: StorageOptions | None = None) -> ResolvedMo
     """Turn a ``--model`` value into a checkpoint to load.
 
     - a registry root (holds ``current.json``): its current version's ``model.pth``;
-    - a version folder ``REGISTRY/v0003``: that version's ``model.pth``;
+    - a version folder ``REGISTRY/v0003``, or its ``model.pth``: that version's ``model.pth``;
     - a training checkpoint folder (holding ``model.pth``): that file; a training run's folder
       (holding ``checkpoint_*/model.pth``): the newest checkpoint's, the folder names sorting by
       time. So the folders the training job prints load as printed;
@@ -347,9 +347,11 @@ def resolve_model(uri: str, storage: StorageOptions | None = None) -> ResolvedMo
     if "/" not in stripped and "://" not in stripped and not os.path.exists(stripped):
         return ResolvedModel(uri, None)
     fs, path = filesystem(stripped, storage)
-    name = posixpath.basename(path)
+    # A version's own model.pth is that version too, so that outputs still say which one.
+    folder = posixpath.dirname(stripped) if posixpath.basename(path) == MODEL_FILE else stripped
+    name = posixpath.basename(folder)
     if _VERSION.match(name):
-        parent = ModelRegistry(posixpath.dirname(stripped), storage)
+        parent = ModelRegistry(posixpath.dirname(folder), storage)
         if _is_registry(parent):
             return ResolvedModel(parent.get(name).checkpoint_uri, name)
     if fs.isdir(path):

@@ -190,6 +190,7 @@ def test_resolve_model_for_the_annotation_job(registry_uri: str) -> None:
     assert resolve_model(registry_uri) == (f"{registry_uri}/v0002/model.pth", "v0002")
     assert resolve_model(registry_uri + "/") == (f"{registry_uri}/v0002/model.pth", "v0002")
     assert resolve_model(f"{registry_uri}/v0001") == (f"{registry_uri}/v0001/model.pth", "v0001")
+    assert resolve_model(f"{registry_uri}/v0001/model.pth") == (f"{registry_uri}/v0001/model.pth", "v0001")
     with pytest.raises(RegistryError, match="no version"):
         resolve_model(f"{registry_uri}/v0007")
     assert resolve_model("mobilenet0.25-1mb") == ("mobilenet0.25-1mb", None)
