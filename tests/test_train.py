@@ -310,3 +310,33 @@ def test_progress_and_summary_lines(capsys) -> None:
     assert exit_code(refused) == ExitCode.REFUSED and exit_code(summary) == ExitCode.OK
     promoted = {**refused, "registry": {**refused["registry"], "new": False, "promoted": True, "promotion_reason": "v0002 is already current: nothing to do"}}
     assert "already registered as v0002" in summary_lines(promoted)[-2] and exit_code(promoted) == ExitCode.OK
+
+
+def test_ctrl_c_exits_130_says_how_to_resume_and_leaves_no_extra_checkpoints(ray_session, wider_s3: str, tmp_path: Path) -> None:
+    """``python -m jobs.train`` joined to the session's Ray, interrupted with SIGINT once its run
+    folder holds more checkpoint folders than it keeps (one uploaded, not yet committed)."""
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    run_dir = tmp_path / "runs" / "stopped"
+    argv = [
+        "--train", wider_s3, "--num-workers", "1", "--batch-size", "4", "--epochs", "50", "--train-size", "160",
+        "--loader-workers", "0", "--storage", str(tmp_path / "runs"), "--name", "stopped", "--keep-checkpoints", "1",
+        "--ray-address", ray.get_runtime_context().gcs_address,
+    ]  # fmt: skip
+    job = subprocess.Popen([sys.executable, "-m", "jobs.train", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(_checkpoint_folders(run_dir)) < 2 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    job.send_signal(signal.SIGINT)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err[-2000:]
+    assert "Resume with the same command:\n  python -m jobs.train " + " ".join(argv) in err
+    assert len(_checkpoint_folders(run_dir)) == 1, err[-3000:]
+
+
+def _checkpoint_folders(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
