@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import posixpath
 import shlex
 import sys
@@ -71,6 +72,10 @@ from ._cluster import init_ray
 from ._config import config_dict, format_config, parse_config
 from ._exit import ExitCode
 from ._storage import JobError
+
+# Progress goes through logging, not print: Ray Train workers echo a print twice (their stdout
+# and the root logger), a log record once.
+log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 MODEL_FILE = "model.pth"
@@ -261,7 +266,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             val_dataset, ground_truth = validation
             metrics["val_ap"] = validate(network, config, val_dataset, ground_truth, scale=cfg.val_scale, device=device)
             metrics["val_data"] = validation_fingerprint(val_dataset, ground_truth)
-        print(progress.epoch_line(metrics), flush=True)
+        log.info(progress.epoch_line(metrics))
         with tempfile.TemporaryDirectory() as folder:
             _write_checkpoint(Path(folder), network, optimizer, scheduler, epoch, cfg, metrics)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
@@ -298,10 +303,9 @@ class Progress:
             per_step = stats.seconds / stats.steps
             remaining = (self.epochs - epoch) * self.steps_per_epoch - stats.steps
             losses = {name: total / max(stats.images, 1) for name, total in stats.loss_sums.items()}
-            print(
+            log.info(
                 f"epoch {epoch + 1}/{self.epochs} step {stats.steps}/{self.steps_per_epoch} {_format_losses(losses)} "
-                f"{stats.images * self.world / stats.seconds:.1f} img/s ETA {_format_duration(remaining * per_step)}",
-                flush=True,
+                f"{stats.images * self.world / stats.seconds:.1f} img/s ETA {_format_duration(remaining * per_step)}"
             )
 
         return report

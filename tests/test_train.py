@@ -286,7 +286,7 @@ def test_frozen_batchnorm_keeps_statistics_and_affine_parameters(wider_s3: str) 
     assert any(not torch.equal(before[k], after[k]) for k in after if k not in frozen), "nothing trained"
 
 
-def test_progress_and_summary_lines(capsys) -> None:
+def test_progress_and_summary_lines(caplog) -> None:
     from jobs._exit import ExitCode
     from jobs.train import Progress, exit_code, summary_lines
     from retinaface_core.training import EpochStats
@@ -294,10 +294,11 @@ def test_progress_and_summary_lines(capsys) -> None:
     progress = Progress(epochs=3, steps_per_epoch=4, every=2, world=2)
     report = progress.step_callback(1)
     stats = EpochStats({"total": 8.0, "cls": 4.0, "box": 2.0, "landmark": 0.0}, images=4, steps=1, seconds=2.0)
+    caplog.set_level("INFO", logger="jobs.train")
     report(stats)  # not a multiple of every: silent
     stats.steps = 2
     report(stats)
-    line = capsys.readouterr().out.strip()
+    (line,) = caplog.messages
     # 6 steps left (2 of epoch 2, 4 of epoch 3) at 1 s each; 4 images in 2 s on each of 2 workers.
     assert line == "epoch 2/3 step 2/4 loss 2.000 (cls 1.000 box 0.500 landmark 0.000) 4.0 img/s ETA 0:00:06"
     metrics = {"epoch": 2, "loss_total": 1.0, "loss_cls": 0.5, "loss_box": 0.25, "loss_landmark": 0.0, "val_ap": {"easy": 0.5, "medium": 0.4, "hard": 0.3}}
