@@ -205,7 +205,7 @@ def test_cronjob_exit_status_is_the_gates():
     assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [ExitCode.REFUSED]
     assert rule["onExitCodes"]["containerName"] == container["name"]
     header = (INFRA / "k8s" / "cronjob-retrain.yaml").read_text().split("apiVersion")[0]
-    for code in ExitCode:
+    for code in (ExitCode.OK, ExitCode.FAILED, ExitCode.REFUSED):  # what jobs.registry returns
         assert re.search(rf"#\s+{int(code)}\s", header), f"exit status {int(code)} is not explained in the manifest"
 
 
