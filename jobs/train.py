@@ -466,25 +466,32 @@ def run_uri(cfg: TrainConfig) -> str:
 def prune_checkpoints(cfg: TrainConfig, result: ray.train.Result | None = None) -> list[str]:
     """Delete the run's checkpoint folders that Ray Train does not keep; returns their names.
 
-    An interrupted or killed run can leave the folder of a checkpoint it uploaded but never
-    committed; Ray Train's ``num_to_keep`` only ever deletes committed ones. ``result`` is the
-    run's (after ``fit``); without it, what storage says.
+    An interrupted or killed run can leave the folders of checkpoints it uploaded but never
+    committed; Ray Train's ``num_to_keep`` only ever deletes committed ones, and a rerun resumes
+    from committed ones only. ``result`` is the run's (after ``fit``); without it, what storage
+    says, and with nothing committed there every checkpoint folder is unfinished. Call it only
+    while the run is not running.
     """
+    storage_path, storage_fs = storage_filesystem(cfg)
+    run_path = posixpath.join(storage_path or str(Path(RAY_DEFAULT_STORAGE).expanduser()), cfg.name)
     if result is None:
-        storage_path, storage_fs = storage_filesystem(cfg)
-        run_path = posixpath.join(storage_path or str(Path(RAY_DEFAULT_STORAGE).expanduser()), cfg.name)
         try:
             result = ray.train.Result.from_path(run_path, storage_filesystem=storage_fs)
         except RuntimeError:
-            return []  # no committed checkpoint yet: nothing tells a stale folder from the next one
-    keep = {posixpath.basename(checkpoint.path) for checkpoint, _ in result.best_checkpoints or []}
+            pass  # no run folder, or no checkpoint committed yet
+    if result is not None:
+        fs, folder = result.filesystem, result.path
+        keep = {posixpath.basename(checkpoint.path) for checkpoint, _ in result.best_checkpoints or []}
+    else:
+        fs, folder = (storage_fs, run_path) if storage_fs else pyarrow.fs.FileSystem.from_uri(run_path)
+        keep = set()
     stale = [
         info
-        for info in result.filesystem.get_file_info(pyarrow.fs.FileSelector(result.path))
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
         if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_") and info.base_name not in keep
     ]
     for info in stale:
-        result.filesystem.delete_dir(info.path)
+        fs.delete_dir(info.path)
     return [info.base_name for info in stale]
 
 

@@ -315,7 +315,7 @@ def test_progress_and_summary_lines(caplog) -> None:
 
 def test_ctrl_c_exits_130_says_how_to_resume_and_leaves_no_extra_checkpoints(ray_session, wider_s3: str, tmp_path: Path) -> None:
     """``python -m jobs.train`` joined to the session's Ray, interrupted with SIGINT once its run
-    folder holds more checkpoint folders than it keeps (one uploaded, not yet committed)."""
+    folder holds more checkpoint folders than it keeps (uploaded ones not yet committed)."""
     import signal
     import subprocess
     import sys
@@ -336,7 +336,8 @@ def test_ctrl_c_exits_130_says_how_to_resume_and_leaves_no_extra_checkpoints(ray
     out, err = job.communicate(timeout=120)
     assert job.returncode == 130, err[-2000:]
     assert "Resume with the same command:\n  python -m jobs.train " + " ".join(argv) in err
-    assert len(_checkpoint_folders(run_dir)) == 1, err[-3000:]
+    # One, or none where the interrupt came before Ray Train committed the first checkpoint.
+    assert len(_checkpoint_folders(run_dir)) <= 1, err[-3000:]
 
 
 def _checkpoint_folders(run_dir: Path) -> list[Path]:
