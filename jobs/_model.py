@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from retinaface_core import Detector, DetectorSettings
-from retinaface_core.registry import RegistryError
+from retinaface_core.registry import RegistryError, version_label
 from retinaface_core.storage import StorageOptions
 from retinaface_core.weights import CheckpointError, LoadedWeights, load_weights
 
@@ -42,7 +42,9 @@ def resolve_model_identity(settings: DetectorSettings, storage: StorageOptions) 
         weights = load_weights(checkpoint, config=settings.model_config, storage=storage)
     except (CheckpointError, RegistryError, OSError) as exc:
         raise JobError(f"model not available: {exc}") from exc
-    return ModelIdentity(checkpoint, version, weights.name, weights.sha256), weights
+    # A registry's files are all called model.pth: the registry and version name the model.
+    name = version_label(checkpoint, version) if version else weights.name
+    return ModelIdentity(checkpoint, version, name, weights.sha256), weights
 
 
 def pick_device(num_gpus: float) -> str:

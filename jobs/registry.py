@@ -9,10 +9,14 @@
     python -m jobs.registry register --registry URI --checkpoint NAME|PATH|URI --val URI [--val-gt DIR] [--val-scale long:640]
 
 ``register`` evaluates an existing checkpoint (e.g. the published one, to have a baseline to
-promote against) on a validation set and stores it as the next version.
+promote against; or a training checkpoint folder as ``jobs.train`` prints it) on a validation
+set and stores it as the next version; a checkpoint the registry already holds (same sha256)
+keeps its version.
 
-``promote`` exits with status 1 when the gate refuses the version (its val AP is lower than the
-current model's on some level, or not comparable); ``--force`` promotes anyway.
+Exit status (:mod:`jobs._exit`): 0 done or nothing to do (``promote`` of the current version,
+``rollback --to`` the current version); 3 when the gate refuses the version (its val AP is lower
+than the current model's on some level, or it was measured on other data; ``--force`` promotes
+anyway); 2 on an error, said in one line.
 """
 
 from __future__ import annotations
@@ -23,13 +27,20 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from retinaface_core.registry import ModelRegistry, ModelVersion, RegistryError, validation_record
+from retinaface_core.registry import ModelRegistry, ModelVersion, RegistryError, resolve_model, validation_record
 from retinaface_core.storage import StorageOptions
-from retinaface_core.training import ground_truth_from_dataset, model_checkpoint_bytes, open_wider_dataset, validate
+from retinaface_core.training import (
+    ground_truth_from_dataset,
+    model_checkpoint_bytes,
+    open_wider_dataset,
+    validate,
+    validation_fingerprint,
+)
 from retinaface_core.weights import CheckpointError, load_weights
 from retinaface_core.widerface import LEVELS, read_ground_truth_mat
 
 from ._config import add_flags, flag_names, from_values
+from ._exit import ExitCode
 
 
 @dataclass
@@ -58,14 +69,18 @@ def _list(registry: ModelRegistry) -> None:
 def _register_checkpoint(
     registry: ModelRegistry, checkpoint: str, val: str, val_gt: str | None, scale: str, storage: StorageOptions
 ) -> ModelVersion:
-    loaded = load_weights(checkpoint, storage=storage)
+    resolved, _ = resolve_model(checkpoint, storage)
+    loaded = load_weights(resolved, storage=storage)
     dataset = open_wider_dataset(val, storage=storage)
     ground_truth = read_ground_truth_mat(val_gt, storage) if val_gt else ground_truth_from_dataset(dataset)
     ap = validate(loaded.model, loaded.config, dataset, ground_truth, scale=scale)
+    record = validation_record(
+        ap, val=val, val_gt=val_gt, scale=scale, fingerprint=validation_fingerprint(dataset, ground_truth), storage=storage
+    )
     return registry.register(
         model_checkpoint_bytes(loaded.model),
         config={"model": loaded.config.to_dict(), "source": {"checkpoint": checkpoint, "sha256": loaded.sha256}},
-        metrics={"val": validation_record(ap, val=val, val_gt=val_gt, scale=scale)},
+        metrics={"val": record},
         train_data={"init": checkpoint, "val": val, "val_gt": val_gt},
     )
 
@@ -114,20 +129,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise RegistryError(f"{args.registry}: no registered version")
                 version = registry.versions()[-1]
             decision = registry.promote(version, force=args.force)
+            if decision.previous == decision.version:
+                print(f"unchanged: {decision.reason}")
+                return ExitCode.OK
             verdict = "promoted" if decision.promoted else "refused"
             print(f"{verdict} {decision.version} (previous: {decision.previous}): {decision.reason}")
-            return 0 if decision.promoted else 1
+            return ExitCode.OK if decision.promoted else ExitCode.REFUSED
         elif args.command == "rollback":
             previous = registry.current()
             target = registry.rollback(args.to)
-            print(f"current: {target} (was {previous})")
+            if target == previous:
+                print(f"unchanged: {target} is already current, nothing to roll back")
+            else:
+                print(f"current: {target} (was {previous})")
         else:
+            before = set(registry.versions())
             entry = _register_checkpoint(registry, args.checkpoint, args.val, args.val_gt, args.val_scale, settings.s3)
-            print(f"registered {entry.version}: val AP easy / medium / hard {_format_ap(entry.val_ap)}")
+            verb = "already registered as" if entry.version in before else "registered"
+            print(f"{verb} {entry.version}: val AP easy / medium / hard {_format_ap(entry.val_ap)}")
     except (RegistryError, CheckpointError, OSError) as exc:
         print(f"registry: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+        return ExitCode.FAILED
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ Layout under the registry root (``s3://bucket/models/retinaface``, a local folde
 ``current.json`` changes with one atomic write (a single PUT on object stores; write and rename
 locally), so readers see the old or the new pointer, never a mix. Promotion moves it only when
 the candidate's val AP is not lower than the current model's on any level, measured on the same
-validation data (``force`` overrides). Each promotion pushes onto ``stack``; a rollback pops back
+validation data: the same scale and, by content fingerprint, the same images and ground truth
+(records without fingerprints fall back to the URIs in canonical spelling); ``force`` overrides.
+Registering bytes the registry already holds returns the existing version. Each promotion pushes onto ``stack``; a rollback pops back
 to the version current before, or jumps to a named one. Concurrent registrations into the same
 registry are not coordinated (no conditional writes): run one training job per registry at a time.
 """
@@ -28,13 +30,16 @@ import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .storage import StorageOptions, filesystem, write_atomic
+import fsspec
+
+from .storage import StorageOptions, canonical_uri, filesystem, full_uri, write_atomic
 from .widerface import LEVELS
 
 MODEL_FILE = "model.pth"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "current.json"
 _VERSION = re.compile(r"^v(\d{4,})$")
+FINGERPRINT_KEYS = ("images_sha256", "ground_truth_sha256")
 
 
 class RegistryError(RuntimeError):
@@ -60,8 +65,9 @@ class ModelVersion:
         return val.get("ap")
 
     @property
-    def val_data(self) -> Any:
-        return (self.metrics.get("val") or {}).get("data")
+    def val_data(self) -> dict[str, Any]:
+        """What the validation AP was measured on: URIs, scale and (since they exist) fingerprints."""
+        return (self.metrics.get("val") or {}).get("data") or {}
 
 
 class PromotionDecision(NamedTuple):
@@ -80,9 +86,56 @@ class ResolvedModel(NamedTuple):
     version: str | None
 
 
-def validation_record(ap: dict[str, float], *, val: str, val_gt: str | None, scale: str) -> dict[str, Any]:
-    """The ``metrics["val"]`` entry the gate compares: AP per level and what it was measured on."""
-    return {"data": {"val": val, "val_gt": val_gt, "scale": scale}, "ap": dict(ap)}
+def validation_record(
+    ap: dict[str, float],
+    *,
+    val: str,
+    val_gt: str | None,
+    scale: str,
+    fingerprint: dict[str, str] | None = None,
+    storage: StorageOptions | None = None,
+) -> dict[str, Any]:
+    """The ``metrics["val"]`` entry the gate compares: AP per level and what it was measured on.
+
+    ``fingerprint`` is :func:`training.validation_fingerprint` of the data; the URIs are stored
+    in canonical spelling (see :func:`storage.canonical_uri`) for people and for older records.
+    """
+    data = {
+        "val": canonical_uri(val, storage),
+        "val_gt": canonical_uri(val_gt, storage) if val_gt else None,
+        "scale": scale,
+        **(fingerprint or {}),
+    }
+    return {"data": data, "ap": dict(ap)}
+
+
+def same_validation_data(a: dict[str, Any], b: dict[str, Any], storage: StorageOptions | None = None) -> bool:
+    """Whether two validation records measured on the same thing.
+
+    The same scale, and: the same fingerprints when both records carry them (whatever the URIs
+    say); otherwise (a record written before fingerprints existed) the same URIs once spelled
+    canonically, so ``s3://b/val/`` and ``s3://b/val`` agree.
+    """
+    if a.get("scale") != b.get("scale"):
+        return False
+    if all(key in a and key in b for key in FINGERPRINT_KEYS):
+        return all(a[key] == b[key] for key in FINGERPRINT_KEYS)
+
+    def spelled(uri: str | None) -> str | None:
+        return canonical_uri(uri, storage) if uri else None
+
+    return all(spelled(a.get(key)) == spelled(b.get(key)) for key in ("val", "val_gt"))
+
+
+def _describe_data(data: dict[str, Any]) -> str:
+    fingerprints = ", ".join(f"{key} {data[key][:12]}" for key in FINGERPRINT_KEYS if key in data) or "no fingerprint"
+    return f"{data.get('val')} (gt {data.get('val_gt')}, {fingerprints}) at {data.get('scale')}"
+
+
+def version_label(checkpoint_uri: str, version: str) -> str:
+    """``NAME@vNNNN`` for the checkpoint ``.../NAME/vNNNN/model.pth`` of a registry version, NAME being
+    the registry folder's name: what outputs record as the model, where ``model.pth`` says nothing."""
+    return f"{posixpath.basename(posixpath.dirname(posixpath.dirname(checkpoint_uri)))}@{version}"
 
 
 def version_name(number: int) -> str:
@@ -94,6 +147,7 @@ class ModelRegistry:
 
     def __init__(self, uri: str, storage: StorageOptions | None = None) -> None:
         self.uri = uri.rstrip("/")
+        self.storage = storage or StorageOptions()
         self.fs, self.root = filesystem(self.uri, storage)
 
     def _path(self, *parts: str) -> str:
@@ -145,6 +199,14 @@ class ModelRegistry:
         """The current version, or None before the first promotion."""
         return self.pointer()["version"]
 
+    def find(self, sha256: str) -> ModelVersion | None:
+        """The oldest version whose ``model.pth`` has this sha256, if any."""
+        for version in self.versions():
+            entry = self.get(version)
+            if entry.sha256 == sha256:
+                return entry
+        return None
+
     def register(
         self,
         model_bytes: bytes,
@@ -155,17 +217,23 @@ class ModelRegistry:
     ) -> ModelVersion:
         """Store a new version; ``model_bytes`` is a ``{"state_dict", "config"}`` .pth file's content.
 
+        Bytes already registered return their existing version unchanged (a rerun of a finished
+        training run registers nothing new); compare ``versions()`` before and after to tell.
+
         Args:
             config: JSON-able configuration (the RetinaFace config and the job's settings).
             metrics: JSON-able metrics; ``metrics["val"] = {"data": ..., "ap": {level: AP}}``
                 is what the promotion gate compares.
             train_data: the training/validation data URIs the model was made from.
         """
+        sha256 = hashlib.sha256(model_bytes).hexdigest()
+        known = self.find(sha256)
+        if known is not None:
+            return known
         existing = [int(v[1:]) for v in self.versions()]
         version = version_name(max(existing, default=0) + 1)
         if self.fs.exists(self._path(version, MANIFEST_FILE)):
             raise RegistryError(f"{self.uri}: {version} appeared meanwhile; another job is registering here")
-        sha256 = hashlib.sha256(model_bytes).hexdigest()
         self._write(self._path(version, MODEL_FILE), model_bytes)
         self._write_json(self._path(version, "config.json"), config)
         self._write_json(self._path(version, "metrics.json"), metrics)
@@ -193,10 +261,10 @@ class ModelRegistry:
         current = self.get(current_name)
         if current.val_ap is None:
             return False, f"current {current_name} has no validation AP to compare with"
-        if candidate.val_data != current.val_data:
+        if not same_validation_data(candidate.val_data, current.val_data, self.storage):
             return False, (
-                f"{version} was validated on {candidate.val_data!r}, current {current_name} on {current.val_data!r}: "
-                "APs on different data are not comparable"
+                f"{version} was validated on {_describe_data(candidate.val_data)}, current {current_name} on "
+                f"{_describe_data(current.val_data)}: APs on different data are not comparable"
             )
         worse = [
             f"{level} {candidate.val_ap[level]:.4f} < {current.val_ap[level]:.4f}"
@@ -209,10 +277,16 @@ class ModelRegistry:
         return True, f"val AP not lower than current {current_name} on any level ({summary})"
 
     def promote(self, version: str, *, force: bool = False) -> PromotionDecision:
-        """Make ``version`` current if it passes the gate (or ``force``); the pointer is untouched otherwise."""
+        """Make ``version`` current if it passes the gate (or ``force``); the pointer is untouched otherwise.
+
+        Promoting the current version changes nothing and counts as promoted (``previous ==
+        version``): a rerun of the same promotion is not a refusal.
+        """
         self.get(version)
-        passed, reason = self.check_promotion(version)
         previous = self.current()
+        if previous == version:
+            return PromotionDecision(True, version, previous, f"{version} is already current: nothing to do")
+        passed, reason = self.check_promotion(version)
         if not passed and not force:
             return PromotionDecision(False, version, previous, reason)
         if not passed:
@@ -227,10 +301,12 @@ class ModelRegistry:
 
         Without ``to`` this undoes the latest promotion. With ``to`` the named version becomes
         current whatever its metrics (an operator's decision), and later promotions are
-        dropped from the stack.
+        dropped from the stack; ``to`` the current version changes nothing.
         """
         pointer = self.pointer()
         current, stack = pointer["version"], list(pointer["stack"])
+        if to is not None and to == current:
+            return current  # nothing to undo; the history records only moves
         if to is None:
             if len(stack) < 2:
                 raise RegistryError(f"{self.uri}: nothing to roll back to (promoted versions: {stack or 'none'})")
@@ -258,7 +334,10 @@ def resolve_model(uri: str, storage: StorageOptions | None = None) -> ResolvedMo
     """Turn a ``--model`` value into a checkpoint to load.
 
     - a registry root (holds ``current.json``): its current version's ``model.pth``;
-    - a version folder ``REGISTRY/v0003``: that version's ``model.pth``;
+    - a version folder ``REGISTRY/v0003``, or its ``model.pth``: that version's ``model.pth``;
+    - a training checkpoint folder (holding ``model.pth``): that file; a training run's folder
+      (holding ``checkpoint_*/model.pth``): the newest checkpoint's, the folder names sorting by
+      time. So the folders the training job prints load as printed;
     - anything else (a checkpoint name, path or URI) passes through with version None.
 
     Raises :class:`RegistryError` for a registry with versions but none current yet, or a version
@@ -268,9 +347,11 @@ def resolve_model(uri: str, storage: StorageOptions | None = None) -> ResolvedMo
     if "/" not in stripped and "://" not in stripped and not os.path.exists(stripped):
         return ResolvedModel(uri, None)
     fs, path = filesystem(stripped, storage)
-    name = posixpath.basename(path)
+    # A version's own model.pth is that version too, so that outputs still say which one.
+    folder = posixpath.dirname(stripped) if posixpath.basename(path) == MODEL_FILE else stripped
+    name = posixpath.basename(folder)
     if _VERSION.match(name):
-        parent = ModelRegistry(posixpath.dirname(stripped), storage)
+        parent = ModelRegistry(posixpath.dirname(folder), storage)
         if _is_registry(parent):
             return ResolvedModel(parent.get(name).checkpoint_uri, name)
     if fs.isdir(path):
@@ -280,7 +361,19 @@ def resolve_model(uri: str, storage: StorageOptions | None = None) -> ResolvedMo
             if current is None:
                 raise RegistryError(f"{uri}: the registry has no current version; promote one first")
             return ResolvedModel(registry.get(current).checkpoint_uri, current)
+        found = _checkpoint_in_folder(fs, path)
+        if found is not None:
+            return ResolvedModel(full_uri(fs, found), None)
     return ResolvedModel(uri, None)
+
+
+def _checkpoint_in_folder(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """``path/model.pth``, else the newest ``path/checkpoint_*/model.pth``, else None."""
+    direct = posixpath.join(path, MODEL_FILE)
+    if fs.isfile(direct):
+        return direct
+    nested = sorted(fs.glob(posixpath.join(path, "checkpoint_*", MODEL_FILE)))
+    return nested[-1] if nested else None
 
 
 def _is_registry(registry: ModelRegistry) -> bool:

@@ -85,6 +85,12 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
+def canonical_uri(uri: str, options: StorageOptions | None = None) -> str:
+    """One spelling per location, for comparing URIs: ``s3://b/k`` (not ``s3a://``, no trailing
+    slash), an absolute local path (not ``file://``, not relative). Nothing is read."""
+    return full_uri(*filesystem(uri, options))
+
+
 def read_file(uri: str, options: StorageOptions | None = None) -> bytes:
     """All bytes of the object at ``uri``."""
     fs, path = filesystem(uri, options)

@@ -8,11 +8,12 @@ looked up in ``images/`` beside it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import posixpath
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -180,6 +181,17 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: f
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Stop training every BatchNorm layer's affine parameters, like torchvision's
+    ``FrozenBatchNorm2d`` but keeping the layers (and so the checkpoint's keys); returns how many
+    layers. :func:`train_one_epoch` with ``freeze_batchnorm=True`` also keeps their running
+    statistics. Call before building the optimizer and wrapping the model in DDP."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.requires_grad_(False)
+    return len(layers)
+
+
 @dataclass
 class EpochStats:
     """Sums over one epoch on one worker; :meth:`means` turns them into per-image metrics."""
@@ -216,12 +228,14 @@ def train_one_epoch(
     box_weight: float = 2.0,
     landmark_weight: float = 1.0,
     freeze_batchnorm: bool = False,
+    on_step: Callable[[EpochStats], None] | None = None,
 ) -> EpochStats:
     """One pass over ``loader``; the scheduler steps every iteration.
 
     ``freeze_batchnorm`` normalises with the running statistics and leaves them as they are
-    (the affine parameters still train): the usual choice when fine-tuning with a few images per
-    worker, whose batch statistics are too noisy to replace the checkpoint's.
+    (see :func:`freeze_batchnorm` for the affine parameters): the usual choice when fine-tuning
+    with a few images per worker, whose batch statistics are too noisy to replace the checkpoint's.
+    ``on_step`` sees the sums so far after every step (``seconds`` up to date), for progress lines.
     ``data_seconds`` is the time spent blocked waiting for the next batch: with enough loader
     workers it stays near zero because batches are decoded and augmented during the step.
     """
@@ -257,6 +271,9 @@ def train_one_epoch(
         stats.images += batch
         stats.steps += 1
         stats.positives += int(losses.num_pos)
+        if on_step is not None:
+            stats.seconds = time.perf_counter() - start
+            on_step(stats)
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -271,6 +288,25 @@ def ground_truth_from_dataset(dataset: WiderDataset) -> WiderValGroundTruth:
         boxes[_evaluation_name(image.name)] = box_convert(image.boxes.astype(np.float64), "xyxy", "xywh")
     counts = {level: {name: np.ones(len(b), bool) for name, b in boxes.items()} for level in LEVELS}
     return WiderValGroundTruth(boxes=boxes, counts=counts)
+
+
+def validation_fingerprint(dataset: WiderDataset, ground_truth: WiderValGroundTruth) -> dict[str, str]:
+    """sha256 of what :func:`validate` measures on: the list of images, and the ground truth of
+    those images (boxes and per-level masks). Computed from content, so the same data under
+    another spelling of its URI, or a copy elsewhere, fingerprints the same; an edited
+    annotation does not."""
+    names = sorted({_evaluation_name(image.name) for image in dataset.images} & set(ground_truth.boxes))
+    evaluated = ground_truth.subset(names)
+    truth = hashlib.sha256()
+    for name in names:
+        truth.update(name.encode() + b"\0")
+        truth.update(np.ascontiguousarray(evaluated.boxes[name], dtype=np.float64).tobytes())
+        for level in LEVELS:
+            truth.update(np.ascontiguousarray(evaluated.counts[level][name], dtype=bool).tobytes())
+    return {
+        "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+        "ground_truth_sha256": truth.hexdigest(),
+    }
 
 
 def _evaluation_name(name: str) -> str:

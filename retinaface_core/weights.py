@@ -173,15 +173,18 @@ def read_checkpoint(uri: str, storage: StorageOptions | None = None) -> tuple[di
         data = read_file(uri, storage)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{uri}: checkpoint file not found") from exc
+    except IsADirectoryError as exc:
+        raise CheckpointError(f"{uri}: a folder without a model.pth, not a checkpoint") from exc
     digest = hashlib.sha256(data).hexdigest()
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{uri}: refused to unpickle: not a plain state_dict of tensors (weights_only=True): {exc}"
+            f"{uri}: not a checkpoint of tensors: refused to unpickle (weights_only=True): {_unpickler_reason(exc)}"
         ) from exc
     except Exception as exc:
-        raise CheckpointError(f"{uri}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{uri}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first_line})") from exc
     config = None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         config = obj.get("config")
@@ -190,6 +193,16 @@ def read_checkpoint(uri: str, storage: StorageOptions | None = None) -> tuple[di
         raise CheckpointError(f"{uri}: expected a state_dict mapping names to tensors, got {type(obj).__name__}")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
     return state, config, digest
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The one line of torch's many-line weights_only error that says what it met."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
+    if marker is None:
+        return lines[0] if lines else type(exc).__name__
+    detail = lines[marker].split("WeightsUnpickler error:", 1)[1].strip()
+    return detail or (lines[marker + 1] if marker + 1 < len(lines) else "unreadable")
 
 
 def _pick_config(

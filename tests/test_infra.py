@@ -184,8 +184,29 @@ def test_cronjob_is_weekly_and_submits_with_fixed_ids():
     assert day == "*" and month == "*" and weekday != "*"
     script = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
     submits = [line for line in script.splitlines() if line.strip().startswith("ray job submit")]
-    assert len(submits) == 2 and all("--submission-id" in line for line in submits)
-    assert "jobs.train" in submits[0] and "jobs.registry promote" in submits[1]
+    assert len(submits) == 1 and "--submission-id" in submits[0] and "jobs.train" in submits[0]
+    # The training run registers; it must not promote on its own, past the gate's exit status.
+    assert "--registry" in submits[0] and "--promote" not in submits[0]
+
+
+def test_cronjob_exit_status_is_the_gates():
+    """The promotion runs in the CronJob's own container, last (exec), so that the Job ends with
+    jobs.registry's exit status; a refusal (ExitCode.REFUSED) fails the Job without a retry."""
+    from jobs._exit import ExitCode
+
+    (cron,) = manifests()["k8s/cronjob-retrain.yaml"]
+    job = cron["spec"]["jobTemplate"]["spec"]
+    (container,) = job["template"]["spec"]["containers"]
+    assert container["command"][1].startswith("-e"), "a failed training run must stop the script before the gate"
+    lines = [line.strip() for line in container["args"][0].splitlines() if line.strip()]
+    assert lines[-1].startswith("exec python -m jobs.registry promote ")
+    assert job["backoffLimit"] == 0
+    (rule,) = job["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [ExitCode.REFUSED]
+    assert rule["onExitCodes"]["containerName"] == container["name"]
+    header = (INFRA / "k8s" / "cronjob-retrain.yaml").read_text().split("apiVersion")[0]
+    for code in (ExitCode.OK, ExitCode.FAILED, ExitCode.REFUSED):  # what jobs.registry returns
+        assert re.search(rf"#\s+{int(code)}\s", header), f"exit status {int(code)} is not explained in the manifest"
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])

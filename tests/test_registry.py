@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -10,12 +11,14 @@ import fsspec
 import pytest
 import torch
 
+from jobs._exit import ExitCode
 from jobs.registry import main as registry_cli
 from retinaface_core.config import get_config
 from retinaface_core.model import RetinaFace
-from retinaface_core.registry import ModelRegistry, RegistryError, resolve_model
+from retinaface_core.registry import ModelRegistry, RegistryError, resolve_model, validation_record
+from retinaface_core.storage import write_file
 from retinaface_core.training import model_checkpoint_bytes
-from retinaface_core.weights import load_weights
+from retinaface_core.weights import CheckpointError, load_weights
 
 VAL = {"val": "s3://data/val", "val_gt": None, "scale": "long:640"}
 
@@ -62,7 +65,14 @@ def test_incomplete_version_is_invisible(tmp_path) -> None:
     (tmp_path / "registry" / "v0002").mkdir()
     (tmp_path / "registry" / "v0002" / "model.pth").write_bytes(b"partial")
     assert registry.versions() == ["v0001"]
-    assert register(registry, 0.8, 0.7, 0.4).version == "v0002"
+    assert register(registry, 0.8, 0.7, 0.4, seed=1).version == "v0002"
+
+
+def test_registering_known_bytes_returns_their_version(registry_uri: str) -> None:
+    registry = ModelRegistry(registry_uri)
+    first = register(registry, 0.8, 0.7, 0.4)
+    again = register(registry, 0.9, 0.9, 0.9)  # same weights (seed 0), whatever the metrics say
+    assert again == first and registry.versions() == ["v0001"]
 
 
 def test_promotion_gate_refuses_regression_accepts_equal_or_better(registry_uri: str) -> None:
@@ -70,7 +80,7 @@ def test_promotion_gate_refuses_regression_accepts_equal_or_better(registry_uri:
     register(registry, 0.80, 0.70, 0.40)
     assert registry.promote("v0001").promoted and registry.current() == "v0001"
 
-    register(registry, 0.85, 0.72, 0.39)  # better on two levels, worse on hard
+    register(registry, 0.85, 0.72, 0.39, seed=2)  # better on two levels, worse on hard
     decision = registry.promote("v0002")
     assert not decision.promoted and "hard 0.3900 < 0.4000" in decision.reason
     assert registry.current() == "v0001"
@@ -90,13 +100,65 @@ def test_gate_refuses_incomparable_or_unevaluated_models(tmp_path) -> None:
     registry = ModelRegistry(str(tmp_path / "registry"))
     register(registry, 0.5, 0.5, 0.5)
     registry.promote("v0001")
-    register(registry, 0.9, 0.9, 0.9, val={**VAL, "val": "s3://other/val"})
+    register(registry, 0.9, 0.9, 0.9, seed=1, val={**VAL, "val": "s3://other/val"})
     assert "not comparable" in registry.promote("v0002").reason
     registry.register(model_bytes(5), config={}, metrics={"loss_total": 1.0}, train_data={})
     decision = registry.promote("v0003")
     assert not decision.promoted and "no validation AP" in decision.reason
     with pytest.raises(RegistryError, match="no version"):
         registry.promote("v0042")
+
+
+FINGERPRINT = {"images_sha256": "a" * 64, "ground_truth_sha256": "b" * 64}
+
+
+def test_gate_compares_data_by_content_not_by_spelling(tmp_path) -> None:
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    register(registry, 0.5, 0.5, 0.5, val={**VAL, **FINGERPRINT})
+    registry.promote("v0001")
+    # Other spelling, same content: comparable.
+    register(registry, 0.6, 0.6, 0.6, seed=1, val={**VAL, "val": "s3a://data/val/", **FINGERPRINT})
+    assert registry.promote("v0002").promoted
+    # Same URIs, edited ground truth: refused, both fingerprints named.
+    edited = {**VAL, **FINGERPRINT, "ground_truth_sha256": "c" * 64}
+    register(registry, 0.9, 0.9, 0.9, seed=2, val=edited)
+    decision = registry.promote("v0003")
+    assert not decision.promoted and "not comparable" in decision.reason
+    assert "ground_truth_sha256 cccccccccccc" in decision.reason and "ground_truth_sha256 bbbbbbbbbbbb" in decision.reason
+    assert registry.promote("v0003", force=True).promoted
+
+
+def test_gate_without_fingerprints_compares_canonical_uris(tmp_path) -> None:
+    # Records written before fingerprints existed: URIs decide, in one spelling.
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    data = tmp_path / "data"
+    register(registry, 0.5, 0.5, 0.5, val={**VAL, "val": str(data) + "/"})
+    registry.promote("v0001")
+    register(registry, 0.6, 0.6, 0.6, seed=1, val={**VAL, "val": f"file://{data}"})
+    assert registry.promote("v0002").promoted
+    register(registry, 0.7, 0.7, 0.7, seed=2, val={**VAL, "val": str(data), "scale": "long:320"})
+    assert "not comparable" in registry.promote("v0003").reason
+
+
+def test_validation_record_spells_uris_canonically() -> None:
+    record = validation_record({"easy": 1.0, "medium": 1.0, "hard": 1.0}, val="s3://b/val/", val_gt=None, scale="long:640", fingerprint=FINGERPRINT)
+    assert record["data"] == {"val": "s3://b/val", "val_gt": None, "scale": "long:640", **FINGERPRINT}
+
+
+def test_noop_promotion_and_rollback_change_nothing(tmp_path, capsys) -> None:
+    uri = str(tmp_path / "registry")
+    registry = ModelRegistry(uri)
+    register(registry, 0.5, 0.5, 0.5)
+    register(registry, 0.6, 0.6, 0.6, seed=1)
+    registry.promote("v0001")
+    registry.promote("v0002")
+    history = registry.pointer()["history"]
+    capsys.readouterr()
+    assert registry_cli(["promote", "--registry", uri, "v0002"]) == ExitCode.OK
+    assert "unchanged: v0002 is already current" in capsys.readouterr().out
+    assert registry_cli(["rollback", "--registry", uri, "--to", "v0002"]) == ExitCode.OK
+    assert "unchanged: v0002 is already current" in capsys.readouterr().out
+    assert registry.pointer()["history"] == history and registry.current() == "v0002"
 
 
 def test_rollback_undoes_promotions_and_jumps(registry_uri: str) -> None:
@@ -128,6 +190,7 @@ def test_resolve_model_for_the_annotation_job(registry_uri: str) -> None:
     assert resolve_model(registry_uri) == (f"{registry_uri}/v0002/model.pth", "v0002")
     assert resolve_model(registry_uri + "/") == (f"{registry_uri}/v0002/model.pth", "v0002")
     assert resolve_model(f"{registry_uri}/v0001") == (f"{registry_uri}/v0001/model.pth", "v0001")
+    assert resolve_model(f"{registry_uri}/v0001/model.pth") == (f"{registry_uri}/v0001/model.pth", "v0001")
     with pytest.raises(RegistryError, match="no version"):
         resolve_model(f"{registry_uri}/v0007")
     assert resolve_model("mobilenet0.25-1mb") == ("mobilenet0.25-1mb", None)
@@ -136,13 +199,34 @@ def test_resolve_model_for_the_annotation_job(registry_uri: str) -> None:
     assert load_weights(checkpoint).sha256 == registry.get(version).sha256
 
 
+def test_training_folders_resolve_to_their_checkpoint(registry_uri: str) -> None:
+    # A training run folder and its checkpoint folders, as jobs.train prints them.
+    run = f"{registry_uri}/runs/finetune"
+    for stamp, seed in (("2026-12-01_10-00-00.000001", 1), ("2026-12-01_11-00-00.000001", 2)):
+        write_file(f"{run}/checkpoint_{stamp}/model.pth", model_bytes(seed))
+    newest = f"{run}/checkpoint_2026-12-01_11-00-00.000001"
+    assert resolve_model(newest) == (f"{newest}/model.pth", None)
+    assert resolve_model(run + "/") == (f"{newest}/model.pth", None)
+    assert load_weights(resolve_model(run).checkpoint_uri).sha256 == hashlib.sha256(model_bytes(2)).hexdigest()
+
+
+def test_folder_or_junk_instead_of_a_checkpoint_is_one_clear_line(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="a folder without a model.pth") as folder:
+        load_weights(str(tmp_path))
+    junk = tmp_path / "notes.pth"
+    junk.write_text("not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint of tensors: refused to unpickle") as text:
+        load_weights(str(junk))
+    assert "\n" not in str(folder.value) and "\n" not in str(text.value)
+
+
 def test_cli_list_promote_rollback_show(tmp_path, capsys) -> None:
     uri = str(tmp_path / "registry")
     registry = ModelRegistry(uri)
     register(registry, 0.5, 0.5, 0.5)
     register(registry, 0.4, 0.6, 0.6, seed=1)
     assert registry_cli(["promote", "--registry", uri, "v0001"]) == 0
-    assert registry_cli(["promote", "--registry", uri, "v0002"]) == 1
+    assert registry_cli(["promote", "--registry", uri, "v0002"]) == ExitCode.REFUSED == 3
     assert "refused v0002" in capsys.readouterr().out
     assert registry_cli(["promote", "--registry", uri, "v0002", "--force"]) == 0
     assert registry_cli(["list", "--registry", uri]) == 0
@@ -154,7 +238,7 @@ def test_cli_list_promote_rollback_show(tmp_path, capsys) -> None:
     assert registry_cli(["show", "--registry", uri]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["version"] == "v0001" and shown["current"] is True
-    assert registry_cli(["rollback", "--registry", uri, "--to", "v0009"]) == 2
+    assert registry_cli(["rollback", "--registry", uri, "--to", "v0009"]) == ExitCode.FAILED == 2
     register(registry, 0.6, 0.7, 0.7, seed=2)
     assert registry_cli(["promote", "--registry", uri, "latest"]) == 0
     assert registry.current() == "v0003"
@@ -192,9 +276,11 @@ def test_cli_register_evaluates_a_checkpoint_as_the_baseline(tmp_path, shared_di
     # The published checkpoint finds most of the easy faces of these 12 images at long side 320.
     assert 0.3 < baseline.val_ap["easy"] <= 1 and baseline.val_ap["hard"] < baseline.val_ap["easy"]
     assert registry.promote("v0001").promoted
-    same_again = registry_cli(argv)
-    assert same_again == 0 and registry.get("v0002").val_ap == baseline.val_ap
-    assert registry.promote("v0002").promoted, "an equal AP passes the gate"
+    assert baseline.val_data["images_sha256"] and baseline.val_data["ground_truth_sha256"]
+    # The same checkpoint again is the same version, however the data URIs are spelled.
+    respelled = [a + "/" if a in (str(val), str(gt_dir)) else a for a in argv]
+    assert registry_cli(respelled) == 0
+    assert "already registered as v0001" in capsys.readouterr().out and registry.versions() == ["v0001"]
     original = load_weights("mobilenet0.25-1mb")
-    reloaded = load_weights(registry.get("v0002").checkpoint_uri)
+    reloaded = load_weights(registry.get("v0001").checkpoint_uri)
     assert all(torch.equal(original.model.state_dict()[k], v) for k, v in reloaded.model.state_dict().items())

@@ -56,7 +56,10 @@ def small_config(wider_s3: str, **overrides):
         loader_workers=1,
         batch_size=2,
         epochs=3,
+        # A learning rate that visibly moves the model within a few steps, with BatchNorm training
+        # as it did before the fine-tuning defaults (frozen BatchNorm at this rate loses faces).
         lr=2e-3,
+        freeze_bn=False,
         warmup_epochs=0.0,
         schedule="cosine",
         max_failures=0,
@@ -113,7 +116,7 @@ def test_training_run_on_s3_reloads_and_registers(ray_session, wider_s3: str, sh
     summary = run(cfg)
     metrics = summary["metrics"]
     assert metrics["epoch"] == 3 and metrics["resumed_from_epoch"] == 0
-    assert summary["checkpoint"].startswith(f"{bucket}/runs/finetune/")
+    assert summary["checkpoint"].startswith(f"s3://{bucket}/runs/finetune/checkpoint_")
 
     history = _reported_metrics(f"s3://{bucket}/runs/finetune")
     assert [m["epoch"] for m in history] == [0, 1, 2, 3]
@@ -246,3 +249,96 @@ def test_cli_flags_and_yaml_fill_the_config(tmp_path: Path) -> None:
     assert fs.type_name.startswith("py::fsspec")
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, ["--train", "t", "--schedule", "linear"])
+
+
+def test_fine_tuning_defaults_and_explicit_flags_win() -> None:
+    from jobs._config import parse_config
+    from jobs.train import FINETUNE_LR, FINETUNE_MIN_FACE, SCRATCH_LR, SCRATCH_MIN_FACE, TrainConfig
+
+    tuned = parse_config(TrainConfig, ["--train", "t"])
+    assert (tuned.lr, tuned.freeze_bn, tuned.min_face_size) == (FINETUNE_LR, True, FINETUNE_MIN_FACE)
+    scratch = parse_config(TrainConfig, ["--train", "t", "--init", "scratch"])
+    assert (scratch.lr, scratch.freeze_bn, scratch.min_face_size) == (SCRATCH_LR, False, SCRATCH_MIN_FACE)
+    explicit = parse_config(TrainConfig, ["--train", "t", "--lr", "1e-3", "--no-freeze-bn", "--min-face-size", "2"])
+    assert (explicit.lr, explicit.freeze_bn, explicit.min_face_size) == (1e-3, False, 2.0)
+
+
+def test_frozen_batchnorm_keeps_statistics_and_affine_parameters(wider_s3: str) -> None:
+    from retinaface_core.config import get_config
+    from retinaface_core.model import RetinaFace
+    from retinaface_core.training import freeze_batchnorm, make_optimizer, train_one_epoch
+
+    torch.manual_seed(0)
+    config = get_config("mobilenet0.25-1mb")
+    model = RetinaFace(config)
+    assert freeze_batchnorm(model) > 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = WiderTrainDataset(open_wider_dataset(wider_s3), TrainAugment(size=160, mean_bgr=config.mean_bgr), seed=0)
+    batch = collate_faces([train[0], train[1]])
+    optimizer = make_optimizer(model, 1e-2, 0.9, 5e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    train_one_epoch(model, [batch], optimizer, scheduler, config, torch.device("cpu"), freeze_batchnorm=True)
+    after = model.state_dict()
+    batchnorm = {name for name, module in model.named_modules() if isinstance(module, torch.nn.BatchNorm2d)}
+    frozen = [k for k in after if k.rsplit(".", 1)[0] in batchnorm]
+    assert frozen
+    assert all(torch.equal(before[k], after[k]) for k in frozen), "BatchNorm changed"
+    assert any(not torch.equal(before[k], after[k]) for k in after if k not in frozen), "nothing trained"
+
+
+def test_progress_and_summary_lines(caplog) -> None:
+    from jobs._exit import ExitCode
+    from jobs.train import Progress, exit_code, summary_lines
+    from retinaface_core.training import EpochStats
+
+    progress = Progress(epochs=3, steps_per_epoch=4, every=2, world=2)
+    report = progress.step_callback(1)
+    stats = EpochStats({"total": 8.0, "cls": 4.0, "box": 2.0, "landmark": 0.0}, images=4, steps=1, seconds=2.0)
+    caplog.set_level("INFO", logger="jobs.train")
+    report(stats)  # not a multiple of every: silent
+    stats.steps = 2
+    report(stats)
+    (line,) = caplog.messages
+    # 6 steps left (2 of epoch 2, 4 of epoch 3) at 1 s each; 4 images in 2 s on each of 2 workers.
+    assert line == "epoch 2/3 step 2/4 loss 2.000 (cls 1.000 box 0.500 landmark 0.000) 4.0 img/s ETA 0:00:06"
+    metrics = {"epoch": 2, "loss_total": 1.0, "loss_cls": 0.5, "loss_box": 0.25, "loss_landmark": 0.0, "val_ap": {"easy": 0.5, "medium": 0.4, "hard": 0.3}}
+    summary = {"run": "r", "run_uri": "s3://b/runs/r", "checkpoint": "s3://b/runs/r/checkpoint_x", "metrics": metrics}
+    refused = {**summary, "registry": {"version": "v0002", "uri": "s3://b/m/v0002", "new": True, "promoted": False, "promotion_reason": "val AP regressed"}}
+    lines = summary_lines(refused)
+    assert lines[0] == "run r: 3 epochs, last loss 1.000 (cls 0.500 box 0.250 landmark 0.000)"
+    assert lines[1].startswith("checkpoint: s3://b/runs/r/checkpoint_x ")
+    assert lines[-1] == "refused by the gate: val AP regressed"
+    assert exit_code(refused) == ExitCode.REFUSED and exit_code(summary) == ExitCode.OK
+    promoted = {**refused, "registry": {**refused["registry"], "new": False, "promoted": True, "promotion_reason": "v0002 is already current: nothing to do"}}
+    assert "already registered as v0002" in summary_lines(promoted)[-2] and exit_code(promoted) == ExitCode.OK
+
+
+def test_ctrl_c_exits_130_says_how_to_resume_and_leaves_no_extra_checkpoints(ray_session, wider_s3: str, tmp_path: Path) -> None:
+    """``python -m jobs.train`` joined to the session's Ray, interrupted with SIGINT once its run
+    folder holds more checkpoint folders than it keeps (uploaded ones not yet committed)."""
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    run_dir = tmp_path / "runs" / "stopped"
+    argv = [
+        "--train", wider_s3, "--num-workers", "1", "--batch-size", "4", "--epochs", "50", "--train-size", "160",
+        "--loader-workers", "0", "--storage", str(tmp_path / "runs"), "--name", "stopped", "--keep-checkpoints", "1",
+        "--ray-address", ray.get_runtime_context().gcs_address,
+    ]  # fmt: skip
+    job = subprocess.Popen([sys.executable, "-m", "jobs.train", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(_checkpoint_folders(run_dir)) < 2 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    job.send_signal(signal.SIGINT)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err[-2000:]
+    assert "Resume with the same command:\n  python -m jobs.train " + " ".join(argv) in err
+    # One, or none where the interrupt came before Ray Train committed the first checkpoint.
+    assert len(_checkpoint_folders(run_dir)) <= 1, err[-3000:]
+
+
+def _checkpoint_folders(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
