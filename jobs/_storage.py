@@ -49,12 +49,12 @@ def _friendly(uri: str, exc: Exception) -> JobError:
     return JobError(f"{uri}: cannot be read ({type(exc).__name__}: {exc})")
 
 
-def list_input(uri: str, options: StorageOptions | None = None) -> pa.StringArray:
+def list_input(uri: str, options: StorageOptions | None = None) -> pa.ChunkedArray:
     """The sorted, de-duplicated image URIs of a prefix (recursive) or of a manifest file.
 
     The listing is streamed a page (1,000 keys on S3) at a time, bypassing the client's listing
-    cache, and kept as one Arrow string array: about the URI's own bytes plus 4 per object,
-    instead of the ~1.5 KB of a cached listing and Python strings.
+    cache, and kept as Arrow strings, one chunk per page: about the URI's own bytes plus 4 per
+    object, instead of the ~1.5 KB of a cached listing and Python strings.
 
     A manifest is a file whose name ends in .txt/.lst/.csv (one URI per line; blank lines and
     lines starting with # are skipped) or .parquet (a ``uri`` column). Manifest entries are
@@ -63,18 +63,21 @@ def list_input(uri: str, options: StorageOptions | None = None) -> pa.StringArra
     fs, path = filesystem(uri, options)
     try:
         if path.lower().endswith(MANIFEST_EXTENSIONS) and fs.isfile(path):
-            chunks = [_read_manifest(fs, path, uri)]
+            manifest = _read_manifest(fs, path, uri)
+            uris = pa.chunked_array([pc.unique(manifest)], pa.string())
+            presorted = False
         else:
-            chunks = [pa.array([p for p in page if is_image_name(p)], pa.string()) for page in _list_pages(fs, path, uri)]
+            pages = (pa.array([p for p in page if is_image_name(p)], pa.string()) for page in _list_pages(fs, path, uri))
+            uris = pa.chunked_array(list(pages), pa.string())
+            # S3 lists keys in byte order, which is Arrow's string order: no copy to sort them.
+            presorted = isinstance(fs, s3fs.S3FileSystem)
     except JobError:
         raise
     except Exception as exc:
         raise _friendly(uri, exc) from exc
-    uris = pa.chunked_array(chunks, pa.string()).combine_chunks() if chunks else pa.array([], pa.string())
-    uris = pc.unique(uris.filter(pc.invert(pc.equal(uris, "")))) if len(uris) else uris
     if not len(uris):
         raise JobError(f"{uri}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, any case)")
-    return uris.take(pc.sort_indices(uris))
+    return uris if presorted else uris.take(pc.sort_indices(uris))
 
 
 def _list_pages(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> Iterator[list[str]]:
@@ -127,14 +130,14 @@ class Shard:
     uris: Sequence[str]
 
 
-def make_shards(uris: Sequence[str] | pa.Array, images_per_shard: int) -> list[Shard]:
+def make_shards(uris: Sequence[str] | pa.Array | pa.ChunkedArray, images_per_shard: int) -> list[Shard]:
     """Cut sorted URIs into consecutive shards of ``images_per_shard`` (the last may be smaller)."""
     if images_per_shard < 1:
         raise JobError(f"images per shard must be >= 1, got {images_per_shard}")
     shards = []
     for start in range(0, len(uris), images_per_shard):
         chunk = uris[start : start + images_per_shard]
-        names = chunk.to_pylist() if isinstance(chunk, pa.Array) else list(chunk)
+        names = chunk.to_pylist() if isinstance(chunk, (pa.Array, pa.ChunkedArray)) else list(chunk)
         shards.append(Shard(shard_id(names), chunk))
     return shards
 

@@ -109,9 +109,9 @@ class Plan:
     store: OutputStore
     listed: int
     committed: int
-    new: pa.StringArray
+    new: pa.ChunkedArray
     retry: dict[str, list[str]]
-    removed: pa.StringArray
+    removed: pa.Array
     settings: dict
     model: ModelIdentity
     todo: list[Shard] = field(default_factory=list)
@@ -184,7 +184,10 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
     done = store.read_uris(listing.committed)
     done_uris = done.column("uri").combine_chunks()
     new = uris.filter(pc.invert(pc.is_in(uris, value_set=done_uris)))
-    removed = done_uris.filter(pc.invert(pc.is_in(done_uris, value_set=uris)))
+    # Only when some annotated image is not listed any more is the (second) set built to name them.
+    removed = done_uris[:0]
+    if len(done_uris) > len(uris) - len(new):
+        removed = done_uris.filter(pc.invert(pc.is_in(done_uris, value_set=uris.combine_chunks())))
     retry_ids = sorted(listing.retry & listing.committed.keys())
     retry = {
         shard: done.filter(pc.equal(done.column("shard"), shard)).column("uri").to_pylist() for shard in retry_ids
@@ -201,7 +204,11 @@ def cut_shards(plan: Plan, images_per_shard: int, actors: int) -> list[Shard]:
 
 
 def _shard_row(shard: Shard, retry: bool) -> pa.Table:
-    uris = shard.uris if isinstance(shard.uris, pa.Array) else pa.array(shard.uris, pa.string())
+    uris = shard.uris
+    if isinstance(uris, pa.ChunkedArray):
+        uris = uris.combine_chunks()
+    elif not isinstance(uris, pa.Array):
+        uris = pa.array(uris, pa.string())
     return pa.table({
         "shard": [shard.id],
         "uris": pa.ListArray.from_arrays(pa.array([0, len(uris)], pa.int32()), uris),
