@@ -11,9 +11,10 @@ from torch import nn
 from .anchors import cached_priors
 from .config import RetinaFaceConfig
 from .model import RetinaFaceOutput, optimize_for_inference
-from .postprocessing import Detections, decode_candidates, select
-from .preprocessing import InputScale, group_batch, to_network_input
+from .postprocessing import Candidates, Detections, decode_candidates, select
+from .preprocessing import InputGroup, InputScale, group_batch, to_network_input
 from .runtime import bound_kernel_caches, keep_freed_memory
+from .tta import TTA, detect_with_tta
 from .weights import LoadedWeights, load_weights
 
 
@@ -40,6 +41,8 @@ class Detector:
             and cap the per-shape kernel caches (:func:`runtime.bound_kernel_caches`).
         compile: wrap the network in ``torch.compile`` with weights frozen as constants (about
             10 s of compilation per input shape on first use; pays off at a fixed ``square:N``).
+        tta: test-time augmentation, e.g. ``"flip+pyramid:original,long:640"`` (see :class:`TTA`);
+            ``None`` or ``"none"`` runs one plain pass at ``scale``.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class Detector:
         pad_multiple: int = 1,
         optimize: bool = True,
         compile: bool = False,
+        tta: str | TTA | None = None,
     ) -> None:
         loaded = weights if isinstance(weights, LoadedWeights) else load_weights(weights, config=config)
         self.weights = loaded
@@ -69,6 +73,7 @@ class Detector:
         self.keep_top_k = keep_top_k
         self.clip = clip
         self.pad_multiple = pad_multiple
+        self.tta = TTA.parse(tta or "none")
         network: nn.Module = optimize_for_inference(loaded.model) if optimize else loaded.model.eval()
         network = network.to(self.device)
         if optimize:
@@ -90,17 +95,24 @@ class Detector:
         Returns one :class:`Detections` per image, in original-image pixel coordinates.
         """
         batch = [images] if isinstance(images, np.ndarray) else list(images)
+        if self.tta.enabled:
+            return detect_with_tta(self, batch, self.tta)
         results: list[Detections] = [Detections.empty()] * len(batch)
-        cfg = self.config
-        for group in group_batch(batch, self.scale, self.pad_multiple, cfg.mean_bgr):
-            height, width = group.pixels.shape[1:3]
-            output = self.forward(group.pixels)
-            priors = cached_priors(height, width, cfg.min_sizes, cfg.steps, str(self.device))
-            with torch.inference_mode():
-                candidates = decode_candidates(
-                    output, priors, cfg.variances, (height, width), group.scales, self.top_k, self.score_threshold
-                )
+        for group in group_batch(batch, self.scale, self.pad_multiple, self.config.mean_bgr):
+            candidates = self.candidates(group)
             for row, index in enumerate(group.indices):
                 clip_to = tuple(group.original_sizes[row]) if self.clip else None
                 results[index] = select(candidates, row, self.score_threshold, self.nms_iou, self.keep_top_k, clip_to)
         return results
+
+    def candidates(self, group: InputGroup) -> Candidates:
+        """The ``top_k`` best anchors above the score threshold of every image of ``group``, decoded
+        to original-image pixels (before NMS)."""
+        cfg = self.config
+        height, width = group.pixels.shape[1:3]
+        output = self.forward(group.pixels)
+        priors = cached_priors(height, width, cfg.min_sizes, cfg.steps, str(self.device))
+        with torch.inference_mode():
+            return decode_candidates(
+                output, priors, cfg.variances, (height, width), group.scales, self.top_k, self.score_threshold
+            )
