@@ -8,6 +8,7 @@ from .detector import Detector
 from .model import RetinaFace, RetinaFaceOutput
 from .postprocessing import Detections
 from .preprocessing import InputScale, InvalidImageError
+from .tta import TTA
 from .weights import PRETRAINED, CheckpointError, load_weights
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "RetinaFace",
     "RetinaFaceConfig",
     "RetinaFaceOutput",
+    "TTA",
     "get_config",
     "load_weights",
 ]
