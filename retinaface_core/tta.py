@@ -115,7 +115,9 @@ def detect_with_tta(detector: Detector, images: Sequence[np.ndarray], tta: TTA) 
     original-image pixels, one detection per face.
 
     Uses the detector's network, score threshold, top-k (per view), NMS IoU (also the voting
-    threshold), keep-top-k (after merging), padding and clipping.
+    threshold), keep-top-k (after merging), padding and clipping. Voting votes the landmarks
+    too: against an independent view's landmarks they err less than the top member's
+    (``benchmarks/bench_tta.py``).
     """
     results = []
     for image, (boxes, scores, landmarks) in zip(images, view_candidates(detector, images, tta)):

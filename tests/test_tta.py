@@ -88,11 +88,12 @@ def test_bad_settings_are_refused_with_the_reason(text, message):
         TTA.parse(text)
 
 
-def test_cli_takes_a_setting():
+def test_cli_takes_a_setting(capsys):
     assert parse_args(["a.jpg", "--tta", "flip+pyramid:long:640"]).tta == TTA(True, (InputScale("long", 640),))
     assert parse_args(["a.jpg"]).tta is None
     with pytest.raises(SystemExit):
         parse_args(["a.jpg", "--tta", "flop"])
+    assert "unknown part 'flop'" in capsys.readouterr().err
 
 
 def test_box_vote_averages_overlapping_boxes_with_score_weights():
