@@ -269,6 +269,7 @@ class ShardAnnotator:
             "model_version": [self.model.version] * n,
             "model_sha256": [self.model.sha256] * n,
             "input_scale": [self.config.detector.scale] * n,
+            "tta": [self.config.detector.tta] * n,
             "run_id": [self.run_id] * n,
             "read_ms": [i.read_ms for i in images],
             "decode_ms": [i.decode_ms for i in images],

@@ -9,6 +9,7 @@ from .model import RetinaFace, RetinaFaceOutput
 from .postprocessing import Detections
 from .preprocessing import InputScale, InvalidImageError
 from .storage import StorageOptions
+from .tta import TTA
 from .weights import PRETRAINED, CheckpointError, load_weights
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "RetinaFaceConfig",
     "RetinaFaceOutput",
     "StorageOptions",
+    "TTA",
     "get_config",
     "load_weights",
 ]

@@ -14,6 +14,7 @@ from .detector import Detector
 from .image_io import ImageDecodeError, read_image
 from .postprocessing import Detections
 from .preprocessing import InputScale
+from .tta import TTA
 from .weights import CheckpointError
 
 _LANDMARK_COLOURS = ((0, 0, 255), (0, 255, 255), (255, 0, 255), (0, 255, 0), (255, 0, 0))
@@ -44,6 +45,14 @@ def to_json(path: str, image: np.ndarray, detections: Detections) -> dict:
     }
 
 
+def _tta_setting(text: str) -> TTA:
+    # argparse shows an ArgumentTypeError's own message; a ValueError's would be lost.
+    try:
+        return TTA.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m retinaface_core", description=__doc__)
     parser.add_argument("images", nargs="+", help="image paths or fsspec URIs")
@@ -52,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", default="original", type=InputScale.parse, help="original | long:N | square:N")
     parser.add_argument("--threshold", type=float, default=0.5, help="score threshold (default 0.5)")
     parser.add_argument("--nms-iou", type=float, default=0.4, help="NMS IoU threshold (default 0.4)")
+    parser.add_argument("--tta", default=None, type=_tta_setting,
+                        help="test-time augmentation, e.g. flip+pyramid:long:640,long:1024,long:1600 (default: none)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--clip", action="store_true", help="clip boxes and landmarks to the image")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
@@ -64,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         detector = Detector(
             args.weights, config=args.config, device=args.device, scale=args.scale,
-            score_threshold=args.threshold, nms_iou=args.nms_iou, clip=args.clip,
+            score_threshold=args.threshold, nms_iou=args.nms_iou, clip=args.clip, tta=args.tta,
         )
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)

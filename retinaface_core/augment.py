@@ -146,12 +146,19 @@ def pad_to_square(image: np.ndarray, fill: Sequence[float]) -> np.ndarray:
 
 def mirror(image: np.ndarray, faces: Faces) -> tuple[np.ndarray, Faces]:
     """Flip horizontally: x -> width - x, boxes keep x1 < x2, left and right landmarks swap names."""
-    width = image.shape[1]
-    boxes = faces.boxes.copy()
-    boxes[:, [0, 2]] = width - faces.boxes[:, [2, 0]]
-    landmarks = faces.landmarks[:, MIRROR_LANDMARK_ORDER].copy()
-    landmarks[..., 0] = width - landmarks[..., 0]
+    boxes, landmarks = mirror_points(faces.boxes, faces.landmarks, image.shape[1])
     return np.ascontiguousarray(image[:, ::-1]), Faces(boxes, landmarks, faces.has_landmarks)
+
+
+def mirror_points(boxes: np.ndarray, landmarks: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """(N, ..., 4) x1, y1, x2, y2 boxes and (N, ..., 5, 2) landmarks of an image ``width`` pixels wide,
+    as they lie in its horizontal mirror: new arrays, x -> width - x, boxes keep x1 < x2, left and
+    right landmarks swap names."""
+    mirrored = boxes.copy()
+    mirrored[..., [0, 2]] = width - boxes[..., [2, 0]]
+    points = landmarks[..., MIRROR_LANDMARK_ORDER, :].copy()
+    points[..., 0] = width - points[..., 0]
+    return mirrored, points
 
 
 def resize(image: np.ndarray, faces: Faces, size: int, interpolation: int = cv2.INTER_LINEAR) -> tuple[np.ndarray, Faces]:

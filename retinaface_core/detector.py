@@ -12,11 +12,12 @@ from torch import nn
 from .anchors import cached_priors
 from .config import RetinaFaceConfig
 from .model import RetinaFaceOutput, optimize_for_inference
-from .postprocessing import Detections, decode_candidates, select
-from .preprocessing import InputScale, group_batch, to_network_input
+from .postprocessing import Candidates, Detections, decode_candidates, select
+from .preprocessing import InputGroup, InputScale, group_batch, to_network_input
 from .registry import ResolvedModel, resolve_model
 from .runtime import bound_kernel_caches, keep_freed_memory
 from .storage import StorageOptions
+from .tta import TTA, detect_with_tta
 from .weights import LoadedWeights, load_weights
 
 
@@ -39,9 +40,12 @@ class DetectorSettings:
     keep_top_k: int = field(default=750, metadata={"help": "faces kept per image after NMS"})
     pad_multiple: int = field(default=1, metadata={"help": "pad network inputs to a multiple of this so near-equal sizes share a forward pass (1: exact size, reference parity)"})
     clip: bool = field(default=False, metadata={"help": "clip boxes and landmarks to the image"})
+    tta: str = field(default="none", metadata={"help": "test-time augmentation: none, or flip and/or pyramid:SCALE,... merged by vote (default) or nms, e.g. flip+pyramid:long:640,long:1024,long:1600 (see retinaface_core/tta.py)"})
 
     def __post_init__(self) -> None:
         InputScale.parse(self.scale)
+        # The canonical spelling, so that equal settings compare (and fingerprint) equal.
+        object.__setattr__(self, "tta", str(TTA.parse(self.tta)))
         if self.weights and self.model:
             raise ValueError("give a model registry (model) or a checkpoint (weights), not both")
         if not 0 <= self.score_threshold <= 1 or not 0 < self.nms_iou <= 1:
@@ -82,6 +86,8 @@ class Detector:
             and cap the per-shape kernel caches (:func:`runtime.bound_kernel_caches`).
         compile: wrap the network in ``torch.compile`` with weights frozen as constants (about
             10 s of compilation per input shape on first use; pays off at a fixed ``square:N``).
+        tta: test-time augmentation, e.g. ``"flip+pyramid:original,long:640"`` (see :class:`TTA`);
+            ``None`` or ``"none"`` runs one plain pass at ``scale``.
     """
 
     def __init__(
@@ -99,6 +105,7 @@ class Detector:
         pad_multiple: int = 1,
         optimize: bool = True,
         compile: bool = False,
+        tta: str | TTA | None = None,
     ) -> None:
         loaded = weights if isinstance(weights, LoadedWeights) else load_weights(weights, config=config)
         self.weights = loaded
@@ -111,6 +118,7 @@ class Detector:
         self.keep_top_k = keep_top_k
         self.clip = clip
         self.pad_multiple = pad_multiple
+        self.tta = TTA.parse(tta or "none")
         network: nn.Module = optimize_for_inference(loaded.model) if optimize else loaded.model.eval()
         network = network.to(self.device)
         if optimize:
@@ -147,6 +155,7 @@ class Detector:
             pad_multiple=settings.pad_multiple,
             optimize=optimize,
             compile=compile,
+            tta=settings.tta,
         )
 
     def forward(self, pixels: np.ndarray) -> RetinaFaceOutput:
@@ -161,17 +170,24 @@ class Detector:
         Returns one :class:`Detections` per image, in original-image pixel coordinates.
         """
         batch = [images] if isinstance(images, np.ndarray) else list(images)
+        if self.tta.enabled:
+            return detect_with_tta(self, batch, self.tta)
         results: list[Detections] = [Detections.empty()] * len(batch)
-        cfg = self.config
-        for group in group_batch(batch, self.scale, self.pad_multiple, cfg.mean_bgr):
-            height, width = group.pixels.shape[1:3]
-            output = self.forward(group.pixels)
-            priors = cached_priors(height, width, cfg.min_sizes, cfg.steps, str(self.device))
-            with torch.inference_mode():
-                candidates = decode_candidates(
-                    output, priors, cfg.variances, (height, width), group.scales, self.top_k, self.score_threshold
-                )
+        for group in group_batch(batch, self.scale, self.pad_multiple, self.config.mean_bgr):
+            candidates = self.candidates(group)
             for row, index in enumerate(group.indices):
                 clip_to = tuple(group.original_sizes[row]) if self.clip else None
                 results[index] = select(candidates, row, self.score_threshold, self.nms_iou, self.keep_top_k, clip_to)
         return results
+
+    def candidates(self, group: InputGroup) -> Candidates:
+        """The ``top_k`` best anchors above the score threshold of every image of ``group``, decoded
+        to original-image pixels (before NMS)."""
+        cfg = self.config
+        height, width = group.pixels.shape[1:3]
+        output = self.forward(group.pixels)
+        priors = cached_priors(height, width, cfg.min_sizes, cfg.steps, str(self.device))
+        with torch.inference_mode():
+            return decode_candidates(
+                output, priors, cfg.variances, (height, width), group.scales, self.top_k, self.score_threshold
+            )

@@ -133,12 +133,16 @@ def select(
     boxes = boxes[keep]
     landmarks = candidates.landmarks[row, keep]
     if clip_to is not None:
-        height, width = clip_to
-        limit = np.array([width, height], dtype=np.float32)
-        boxes = np.clip(boxes.reshape(-1, 2, 2), 0, limit).reshape(-1, 4)
-        landmarks = np.clip(landmarks, 0, limit)
+        boxes, landmarks = clip_points(boxes, landmarks, clip_to)
     return Detections(
         boxes=np.ascontiguousarray(boxes, dtype=np.float32),
         scores=np.ascontiguousarray(scores[keep], dtype=np.float32),
         landmarks=np.ascontiguousarray(landmarks, dtype=np.float32),
     )
+
+
+def clip_points(boxes: np.ndarray, landmarks: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4) boxes and (N, 5, 2) landmarks clipped to an image of ``size`` = (height, width) pixels."""
+    height, width = size
+    limit = np.array([width, height], dtype=np.float32)
+    return np.clip(boxes.reshape(-1, 2, 2), 0, limit).reshape(-1, 4), np.clip(landmarks, 0, limit)

@@ -38,6 +38,18 @@ class CheckpointError(ValueError):
 
 
 @dataclass(frozen=True)
+class PublicCopy:
+    """A file found elsewhere than a checkpoint's upstream URL and checked to be that checkpoint.
+
+    Its hash identifies it when it is loaded by path (it gets the checkpoint's config); it says
+    nothing about whether the file is byte-identical to the upstream download.
+    """
+
+    sha256: str
+    source: str
+
+
+@dataclass(frozen=True)
 class PretrainedWeights:
     """One published checkpoint, described the way timm describes its pretrained weights."""
 
@@ -49,6 +61,11 @@ class PretrainedWeights:
     source: str
     license: str
     published_ap: dict[str, Any] = field(default_factory=dict)
+    public_copies: tuple[PublicCopy, ...] = ()
+
+    def has_digest(self, digest: str) -> bool:
+        """Whether a file with this sha256 is this checkpoint: the upstream file or a known public copy."""
+        return digest == self.sha256 or any(copy.sha256 == digest for copy in self.public_copies)
 
 
 PRETRAINED: dict[str, PretrainedWeights] = {
@@ -76,6 +93,19 @@ PRETRAINED: dict[str, PretrainedWeights] = {
             source="github.com/biubug6/Pytorch_Retinaface (mirrored by github.com/xinntao/facexlib)",
             license="MIT",
             published_ap={"original": (0.9070, 0.8816, 0.7378)},
+            public_copies=(
+                # Its provenance notes (shared/README.md) report batch-face 1.5.4's
+                # RetinaFace(network="mobilenet") giving the same detections on it as a
+                # LeakyReLU-0.1 RetinaFace with the cfg_mnet anchors; this project's parity test
+                # checks it against a transcription of the repo's detect loop. Whether it is
+                # byte-identical to the Google Drive / facexlib download cannot be checked
+                # offline, so that file's hash stays unknown.
+                PublicCopy(
+                    sha256="38ec7bb3c9cbfe2f40edabc05fab970a6d648747cbc534092be85d5eb9b37ed0",
+                    source="weights/mobilenet0.25_Final.pth in github.com/m2man/Pytorch_Retinaface, a public fork of "
+                    "github.com/biubug6/Pytorch_Retinaface (MIT)",
+                ),
+            ),
         ),
         PretrainedWeights(
             name="resnet50",
@@ -215,7 +245,7 @@ def _pick_config(
     if entry is not None:
         return get_config(entry.config)
     for known in PRETRAINED.values():
-        if known.sha256 == digest:
+        if known.has_digest(digest):
             return get_config(known.config)
     raise CheckpointError(
         f"{uri}: unknown checkpoint (sha256 {digest}); say which architecture and anchors it needs "

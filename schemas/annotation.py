@@ -18,7 +18,8 @@ Versions:
 2. Face column ``exposure`` (1 - fraction of clipped pixels) added before ``quality``;
    ``sharpness`` is now in [0, 1] and independent of face size, and ``quality`` is the fitted
    composite of ``retinaface_core/quality_model.json`` (issue 14). Values of the same name
-   mean something else than in version 1, so the two must not share an output.
+   mean something else than in version 1, so the two must not share an output. Image column
+   ``tta`` (the test-time augmentation the faces were found with) after ``input_scale``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ ANNOTATION_SCHEMA = pa.schema(
         pa.field("model_version", pa.string()),  # model registry version (--model), null for --weights
         pa.field("model_sha256", pa.string(), nullable=False),
         pa.field("input_scale", pa.string(), nullable=False),
+        pa.field("tta", pa.string(), nullable=False),  # test-time augmentation, "none" for one pass
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("read_ms", pa.float32(), nullable=False),
         pa.field("decode_ms", pa.float32(), nullable=False),

@@ -483,3 +483,17 @@ def test_grown_input_gets_only_its_new_images_and_a_shrunk_one_is_reported(ray_s
     assert third["images_removed_from_input"] == 5 and third["images"] == 0
     assert "5 annotated images are no longer in the input" in capsys.readouterr().out
     assert len(read_output(output)) == 40, "rows of deleted objects are reported, not dropped"
+
+
+def test_tta_is_recorded_and_not_mixed(ray_session, bucket_input, tmp_path):
+    _, _, expected = bucket_input
+    subset = sorted(u for u in expected if "crowd_baseball" in u or "astronaut_face_crop" in u)
+    manifest = tmp_path / "subset.txt"
+    manifest.write_text("\n".join(subset))
+    output = str(tmp_path / "out")
+    run(job_config(str(manifest), output, tta="pyramid:long:640,long:320+flip"))
+    rows = read_output(output)
+    assert set(rows["tta"]) == {"flip+pyramid:long:640,long:320"} and len(rows) == len(subset)
+    assert json.loads((tmp_path / "out" / "_dataset.json").read_text())["tta"] == "flip+pyramid:long:640,long:320"
+    with pytest.raises(JobError, match="other settings.*tta"):
+        run(job_config(str(manifest), output))

@@ -1,8 +1,10 @@
 """Parity with the reference RetinaFace detector on the published checkpoint and real photos.
 
 The reference here is a literal, loop-based transcription of the pre/post-processing that
-``../shared/README.md`` specifies (itself that of biubug6's detect.py): priors built by nested
-loops, decoding per anchor, ``py_cpu_nms`` with the +1 pixel area convention. It runs on the raw
+``../shared/README.md`` specifies (itself that of biubug6's detect.py, the same loop in
+Face-Detector-1MB-with-landmark and in Pytorch_Retinaface, which differ only in the anchor
+sizes of their configs): priors built by nested loops, decoding per anchor, ``py_cpu_nms``
+with the +1 pixel area convention. It runs on the raw
 outputs of the network exactly as loaded (eager, BatchNorm not folded), so the comparison also
 covers the Detector's inference optimisations, vectorised decoding and OpenCV NMS.
 """
@@ -23,15 +25,18 @@ from retinaface_core.anchors import generate_priors
 MEAN = (104, 117, 123)
 STEPS = (8, 16, 32)
 MIN_SIZES = ((10, 20), (32, 64), (128, 256))
+# Pytorch_Retinaface's cfg_mnet, for its MobileNet-0.25 checkpoint.
+CFG_MNET_MIN_SIZES = ((16, 32), (64, 128), (256, 512))
+PYTORCH_RETINAFACE_FILE = "pytorch_retinaface_mobilenet0.25_Final.pth"
 VARIANCE = (0.1, 0.2)
 
 
-def reference_priors(height: int, width: int) -> np.ndarray:
+def reference_priors(height: int, width: int, min_sizes=MIN_SIZES) -> np.ndarray:
     anchors = []
     for k, step in enumerate(STEPS):
         rows, cols = math.ceil(height / step), math.ceil(width / step)
         for i, j in itertools.product(range(rows), range(cols)):
-            for min_size in MIN_SIZES[k]:
+            for min_size in min_sizes[k]:
                 anchors += [(j + 0.5) * step / width, (i + 0.5) * step / height, min_size / width, min_size / height]
     return np.array(anchors, dtype=np.float32).reshape(-1, 4)
 
@@ -72,7 +77,9 @@ def py_cpu_nms(dets: np.ndarray, thresh: float) -> list[int]:
     return keep
 
 
-def reference_detect(model: torch.nn.Module, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reference_detect(
+    model: torch.nn.Module, image: np.ndarray, min_sizes=MIN_SIZES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The reference detector: threshold 0.02, top 5000, NMS 0.4, keep 750."""
     height, width = image.shape[:2]
     x = np.float32(image)
@@ -85,7 +92,7 @@ def reference_detect(model: torch.nn.Module, image: np.ndarray) -> tuple[np.ndar
     landm = out.landmarks[0].numpy()
     scores = conf[:, 1]
     inds = np.where(scores > 0.02)[0]
-    priors = reference_priors(height, width)[inds]
+    priors = reference_priors(height, width, min_sizes)[inds]
     boxes, points = reference_decode(loc[inds], landm[inds], priors)
     boxes *= np.array([width, height, width, height], dtype=np.float32)
     points *= np.array([width, height] * 5, dtype=np.float32)
@@ -115,18 +122,34 @@ def real_photos(shared_dir):
 
 
 def test_priors_equal_the_reference_loop():
-    for height, width in [(624, 1024), (898, 1600), (301, 299), (33, 7)]:
-        expected = reference_priors(height, width)
-        actual = generate_priors(height, width, MIN_SIZES, STEPS).numpy()
+    for (height, width), min_sizes in itertools.product([(624, 1024), (898, 1600), (301, 299), (33, 7)], [MIN_SIZES, CFG_MNET_MIN_SIZES]):
+        expected = reference_priors(height, width, min_sizes)
+        actual = generate_priors(height, width, min_sizes, STEPS).numpy()
         assert actual.shape == expected.shape
         np.testing.assert_array_equal(actual, expected)
 
 
 def test_detections_match_reference_on_real_photos(shared_dir, reference_model, detector):
+    assert_parity(real_photos(shared_dir), reference_model, detector, MIN_SIZES)
+
+
+def test_pytorch_retinaface_checkpoint_matches_its_reference_on_real_photos(shared_dir, weights_dir):
+    path = weights_dir / PYTORCH_RETINAFACE_FILE
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    # Resolved by path: its hash, a known public copy, picks the mobilenet0.25 config.
+    loaded = load_weights(str(path))
+    assert loaded.config.name == "mobilenet0.25" and loaded.config.min_sizes == CFG_MNET_MIN_SIZES
+    reference_model = load_weights(str(path)).model.eval()
+    detector = Detector(loaded, scale="original", score_threshold=0.02, top_k=5000, nms_iou=0.4, keep_top_k=750)
+    assert_parity(real_photos(shared_dir), reference_model, detector, CFG_MNET_MIN_SIZES)
+
+
+def assert_parity(paths, reference_model, detector, min_sizes) -> None:
     compared = 0
-    for path in real_photos(shared_dir):
+    for path in paths:
         image = cv2.imread(str(path))
-        ref_boxes, ref_scores, ref_points = reference_detect(reference_model, image)
+        ref_boxes, ref_scores, ref_points = reference_detect(reference_model, image, min_sizes)
         ours = detector.detect(image)[0]
         ref_sel = ref_scores >= 0.5
         our_sel = ours.scores >= 0.5

@@ -54,6 +54,18 @@ def test_resolution_order_explicit_then_env_then_dir_then_cache(isolated_env, sh
     assert resolve_weights(str(shared_checkpoint))[0] == str(shared_checkpoint)
 
 
+def test_public_copy_of_the_pytorch_retinaface_checkpoint_is_identified_by_hash(weights_dir, isolated_env):
+    path = weights_dir / "pytorch_retinaface_mobilenet0.25_Final.pth"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    entry = PRETRAINED["mobilenet0.25"]
+    # A known public copy, not the upstream file: the entry's own hash stays unknown.
+    assert entry.sha256 is None and entry.has_digest(hashlib.sha256(path.read_bytes()).hexdigest())
+    loaded = load_weights(str(path))
+    assert loaded.config.name == "mobilenet0.25" and loaded.config.leaky == 0.1
+    assert loaded.sha256 == entry.public_copies[0].sha256
+
+
 def test_named_checkpoint_loads_strictly_with_its_config(weights_dir):
     loaded = load_weights("mobilenet0.25-1mb")
     assert loaded.config.name == "mobilenet0.25-1mb" and loaded.name == "mobilenet0.25-1mb"
