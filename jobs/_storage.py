@@ -27,7 +27,7 @@ import s3fs
 from fsspec.implementations.local import LocalFileSystem
 
 from retinaface_core.storage import StorageOptions, filesystem, full_uri, write_atomic, write_exclusive
-from schemas.annotation import SETTINGS_METADATA_KEY, partitioning
+from schemas.annotation import SETTINGS_METADATA_KEY
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFEST_EXTENSIONS = (".txt", ".lst", ".csv", ".parquet")
@@ -228,19 +228,16 @@ class OutputStore:
                 retry.add(relative[1])
         return OutputListing(committed, retry)
 
-    def read_uris(self, committed: dict[str, str]) -> pa.Table:
-        """``shard`` and ``uri`` of every row of the given committed shards (id -> fingerprint):
-        the ``uri`` column only, read in parallel."""
+    def read_uris(self, committed: dict[str, str]) -> pa.ChunkedArray:
+        """The ``uri`` column of the given committed shards (id -> fingerprint), read in parallel."""
         if not committed:
-            return pa.table({"shard": pa.array([], pa.string()), "uri": pa.array([], pa.string())})
+            return pa.chunked_array([], pa.string())
         dataset = pads.dataset(
             [self.shard_path(shard, fp) for shard, fp in committed.items()],
             filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs)),
             format="parquet",
-            partitioning=partitioning(),
-            partition_base_dir=self.path(self.TABLE),
         )
-        return dataset.to_table(columns=["shard", "uri"])
+        return dataset.to_table(columns=["uri"]).column("uri")
 
     def read_settings(self, shard_id: str, fingerprint: str) -> dict[str, Any] | None:
         """The settings a committed shard records in its Parquet metadata (None for shards written

@@ -181,17 +181,14 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
         )
     # What is already annotated comes from the output itself (its uri column), so a grown input
     # gets only its new objects annotated, in new shards, and no URI is ever annotated twice.
-    done = store.read_uris(listing.committed)
-    done_uris = done.column("uri").combine_chunks()
+    done_uris = store.read_uris(listing.committed).combine_chunks()
     new = uris.filter(pc.invert(pc.is_in(uris, value_set=done_uris)))
     # Only when some annotated image is not listed any more is the (second) set built to name them.
     removed = done_uris[:0]
     if len(done_uris) > len(uris) - len(new):
         removed = done_uris.filter(pc.invert(pc.is_in(done_uris, value_set=uris.combine_chunks())))
     retry_ids = sorted(listing.retry & listing.committed.keys())
-    retry = {
-        shard: done.filter(pc.equal(done.column("shard"), shard)).column("uri").to_pylist() for shard in retry_ids
-    }
+    retry = {shard: store.read_uris({shard: listing.committed[shard]}).to_pylist() for shard in retry_ids}
     store.write_json(f"_runs/{run_id}/config.json", {"run_id": run_id, **config_dict(config)})
     return Plan(store, len(uris), len(listing.committed), new, retry, removed, settings, model)
 
