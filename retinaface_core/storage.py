@@ -106,16 +106,21 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     globs and dataset discovery.
     """
     if isinstance(fs, LocalFileSystem):
-        folder = posixpath.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_local_temporary(path, data), path)
     else:
         fs.pipe_file(path, data)
+
+
+def _local_temporary(path: str, data: bytes) -> str:
+    """``data`` written and synced to a hidden temporary file beside ``path``; returns its name."""
+    folder = posixpath.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
 
 
 def write_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
@@ -127,13 +132,7 @@ def write_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bo
     name exists.
     """
     if isinstance(fs, LocalFileSystem):
-        folder = posixpath.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _local_temporary(path, data)
         try:
             os.link(tmp, path)
         except FileExistsError:
