@@ -151,6 +151,8 @@ def _run(config: EvaluateConfig) -> dict:
         "num_faces": result.num_faces,
         "subset": config.subset,
         "scale": config.detector.scale,
+        "batching": config.detector.batching,
+        "precision": config.detector.precision,
         "model_name": model.name,
         "model_version": model.version,
         "model_sha256": model.sha256,

@@ -7,19 +7,20 @@ Two policies (``DetectorSettings.batching``):
   At ``long:N`` nearly every photo has its own shape, so most forward passes carry one image.
 - ``bucket``: the images of one call are sorted by aspect ratio (height / width) and cut into
   consecutive batches of ``batch_size``; each batch is padded at the bottom/right to one canvas,
-  its largest input rounded up to a multiple of :data:`CANVAS_MULTIPLE` (as torchvision's
-  ``GeneralizedRCNNTransform.batch_images`` pads to the batch maximum). Every forward pass but
+  the largest height and width of its inputs (as torchvision's
+  ``GeneralizedRCNNTransform.batch_images`` pads to the batch maximum; ``pad_multiple`` 32 makes
+  canvas sides multiples of 32, as torchvision's ``size_divisible``). Every forward pass but
   the last of a call is full, and sorting keeps the padding small when the call holds a few
   batches of images (``docs/annotate.md`` has the measurements that chose this).
 
 Padding only at the bottom/right leaves every detection's coordinates as they are; it changes
-activations within a receptive field of the padded border, which moves AP by less than
-0.1 pt at ``long:640`` (measured on the shared WIDER val images).
+activations within the receptive field of the padded border. On the shared WIDER val images
+at ``long:640`` that moves AP by at most 0.03 pt with canvases at the batch maximum, and by
+up to 0.11 pt with sides rounded up to multiples of 32 (which pads every image).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -29,9 +30,10 @@ import torch
 BatchingPolicy = Literal["exact", "bucket"]
 BATCHING_POLICIES: tuple[str, ...] = ("exact", "bucket")
 
-# The coarsest stride of the network: a canvas side that is a multiple of it maps onto whole
-# cells of every feature map, and GPU kernels favour such sizes.
-CANVAS_MULTIPLE = 32
+# Images a job hands one detect call, in batches: sorting 4 batches' worth by aspect ratio
+# keeps padding at about 10 % of the computed pixels on the WIDER val size mix, where 1 batch
+# (pad to the batch maximum in arrival order) wastes about 25 % (docs/annotate.md).
+PLAN_WINDOW_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,8 @@ class PlannedBatch:
     canvas: tuple[int, int]
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return math.ceil(value / multiple) * multiple
-
-
 def plan_batches(shapes: Sequence[tuple[int, int]], batch_size: int, policy: BatchingPolicy) -> list[PlannedBatch]:
-    """Forward passes for images whose network inputs are ``shapes`` ((height, width) each).
+    """Forward passes for images whose (padded) network inputs are ``shapes`` ((height, width) each).
 
     ``exact``: one canvas per distinct shape (the shape itself), in first-seen order, each cut
     into passes of at most ``batch_size``. ``bucket``: see the module docstring. Every index
@@ -71,9 +69,7 @@ def plan_batches(shapes: Sequence[tuple[int, int]], batch_size: int, policy: Bat
     batches = []
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        height = _round_up(max(shapes[i][0] for i in indices), CANVAS_MULTIPLE)
-        width = _round_up(max(shapes[i][1] for i in indices), CANVAS_MULTIPLE)
-        batches.append(PlannedBatch(indices, (height, width)))
+        batches.append(PlannedBatch(indices, (max(shapes[i][0] for i in indices), max(shapes[i][1] for i in indices))))
     return batches
 
 
