@@ -17,6 +17,7 @@ Two ways to feed it (``--decode``):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import pickle
@@ -32,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from retinaface_core.batching import PLAN_WINDOW_BATCHES, BatchStats
 from retinaface_core.image_io import RETRYABLE_KINDS, FetchedImage, fetch_image
 from retinaface_core.quality import FaceQuality, face_quality
 from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, LANDMARK_NAMES, QUALITY_COLUMNS, SETTINGS_METADATA_KEY
@@ -174,6 +176,10 @@ class ShardAnnotator:
 
     def _annotate_shard(self, shard_id: str, decoded: Iterable[FetchedImage], marked: bool) -> dict:
         start = time.perf_counter()
+        stats_before = copy.copy(self.detector.stats)
+        # The bucket policy sorts a window of a few batches by aspect ratio, so that each
+        # forward pass is full and padded little; the exact policy needs no more than a batch.
+        window = self.config.batch_size * (PLAN_WINDOW_BATCHES if self.config.detector.batching == "bucket" else 1)
         images: list[FetchedImage] = []
         sizes: list[tuple[int, int] | None] = []
         faces: list[dict[str, np.ndarray] | None] = []
@@ -189,7 +195,7 @@ class ShardAnnotator:
             quality_ms.append(0.0)
             if item.image is not None:
                 batch.append(index)
-            if len(batch) == self.config.batch_size:
+            if len(batch) == window:
                 self._detect(batch, images, faces, detect_ms, quality_ms)
                 batch = []
         if batch:
@@ -213,7 +219,11 @@ class ShardAnnotator:
             raise CommitFailed(f"{type(exc).__name__}: {exc}") from exc
         if marked and not retryable:
             self.store.clear_retry(shard_id)
-        return {**_summary(shard_id, images), "faces": int(sum(len(f["score"]) for f in faces if f is not None)), "seconds": time.perf_counter() - start}
+        return {
+            **_summary(shard_id, images, self.detector.stats - stats_before),
+            "faces": int(sum(len(f["score"]) for f in faces if f is not None)),
+            "seconds": time.perf_counter() - start,
+        }
 
     def _detect(
         self,
@@ -223,9 +233,9 @@ class ShardAnnotator:
         detect_ms: list[float],
         quality_ms: list[float],
     ) -> None:
-        """Detect on a batch of decoded images, score their faces, then release their pixels."""
+        """Detect on a window of decoded images, score their faces, then release their pixels."""
         start = time.perf_counter()
-        detections = self.detector.detect([images[i].image for i in batch])
+        detections = self.detector.detect([images[i].image for i in batch], self.config.batch_size)
         share = (time.perf_counter() - start) * 1e3 / len(batch)
         for i, det in zip(batch, detections):
             q_start = time.perf_counter()
@@ -280,9 +290,12 @@ class ShardAnnotator:
         return pa.Table.from_arrays([*arrays, face_list.cast(ANNOTATION_SCHEMA.field("faces").type)], schema=ANNOTATION_SCHEMA)
 
 
-def _summary(shard_id: str, images: list[FetchedImage]) -> dict[str, Any]:
-    """A shard's summary row; ``error`` is set by the caller for a shard that did not commit."""
+def _summary(shard_id: str, images: list[FetchedImage], stats: BatchStats | None = None) -> dict[str, Any]:
+    """A shard's summary row; ``error`` is set by the caller for a shard that did not commit.
+
+    ``passes`` .. ``content_pixels`` are the shard's forward passes (:class:`BatchStats`)."""
     errors = Counter(item.error_kind for item in images if item.error_kind)
+    stats = stats or BatchStats()
     return {
         "shard": shard_id,
         "images": len(images),
@@ -292,6 +305,11 @@ def _summary(shard_id: str, images: list[FetchedImage]) -> dict[str, Any]:
         "retryable_errors": sum(errors[kind] for kind in RETRYABLE_KINDS),
         "seconds": 0.0,
         "error": "",
+        "passes": stats.passes,
+        "detected": stats.images,
+        "slots": stats.slots,
+        "canvas_pixels": stats.canvas_pixels,
+        "content_pixels": stats.content_pixels,
     }
 
 

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from retinaface_core import DetectorSettings, StorageOptions
+from retinaface_core.batching import BatchStats
 from retinaface_core.image_io import DEFAULT_MAX_PIXELS
 from retinaface_core.quality import QUALITY_MODEL_VERSION
 from retinaface_core.storage import redact
@@ -48,7 +49,7 @@ class AnnotateConfig:
     input: str = field(metadata={"help": "URI prefix listed recursively for images, or a manifest (.txt/.lst/.csv one URI per line, or .parquet with a 'uri' column)"})
     output: str = field(metadata={"help": "output dataset URI (local path, file://, s3://, ...)"})
     images_per_shard: int = field(default=1000, metadata={"help": "images per output file, the unit of commit (fewer when there are too few new images to give every actor a shard)"})
-    detector: DetectorSettings = field(default_factory=lambda: DetectorSettings(scale="long:640"), metadata={"flatten": ""})
+    detector: DetectorSettings = field(default_factory=lambda: DetectorSettings(scale="long:640", batching="bucket"), metadata={"flatten": ""})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "images with more pixels become error rows (decompression bombs)"})
     max_bytes: int = field(default=256 * 2**20, metadata={"help": "objects larger than this many bytes become error rows without being read whole"})
     read_attempts: int = field(default=4, metadata={"help": "reads of an object the store fails to serve (5xx, timeouts, resets, throttling) before it becomes a 'storage' error row, which the next run retries"})
@@ -259,6 +260,7 @@ def summarise(run_id: str, plan: Plan, results: list[dict], seconds: float) -> d
     kinds: Counter = Counter()
     for r in done:
         kinds.update(json.loads(r["errors_by_kind"]))
+    stats = BatchStats(*(sum(int(r[key]) for r in done) for key in ("passes", "detected", "slots", "canvas_pixels", "content_pixels")))
     return {
         "run_id": run_id,
         "images_listed": plan.listed,
@@ -276,6 +278,9 @@ def summarise(run_id: str, plan: Plan, results: list[dict], seconds: float) -> d
         "errors_by_kind": dict(sorted(kinds.items())),
         "seconds": round(seconds, 3),
         "images_per_second": round(images / seconds, 3) if seconds > 0 else 0.0,
+        "forward_passes": stats.passes,
+        "batch_fill": round(stats.batch_fill, 4),
+        "padding_fraction": round(stats.padding_fraction, 4),
     }
 
 
@@ -313,7 +318,8 @@ def run(config: AnnotateConfig) -> dict:
         f"annotate: {summary['images']} images, {summary['faces']} faces, {summary['errors']} errors "
         f"in {summary['seconds']:.1f} s = {summary['images_per_second']:.2f} images/s; "
         f"{summary['shards_processed']} shards done, {summary['shards_skipped_already_committed']} skipped "
-        f"(already committed)",
+        f"(already committed); {summary['forward_passes']} forward passes, batch fill {summary['batch_fill']:.2f}, "
+        f"padding {summary['padding_fraction']:.1%} of computed pixels",
         flush=True,
     )
     print(json.dumps(summary), flush=True)

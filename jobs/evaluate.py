@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retinaface_core import DetectorSettings, StorageOptions
+from retinaface_core.batching import PLAN_WINDOW_BATCHES
 from retinaface_core.evaluation import evaluate, format_ap_table, plot_pr_curves
 from retinaface_core.image_io import DEFAULT_MAX_PIXELS, fetch_image
 from retinaface_core.storage import filesystem, full_uri, redact, write_file
@@ -43,7 +44,7 @@ class EvaluateConfig:
     detector: DetectorSettings = field(default_factory=lambda: DetectorSettings(scale="original", score_threshold=0.02), metadata={"flatten": ""})
     subset: bool = field(default=False, metadata={"help": "score only the images found under --images (default: every val image; missing ones count as misses)"})
     actors: int | None = field(default=None, metadata={"help": "detector actors (default: one per GPU with --num-gpus-per-actor, else one per CPU of the cluster)"})
-    batch_size: int = field(default=4, metadata={"help": "images per actor call"})
+    batch_size: int = field(default=4, metadata={"help": "images per forward pass; an actor call takes 4 batches with --batching bucket (as the annotation job's window), 1 with exact"})
     num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per detector actor (0: CPU)"})
     s3: StorageOptions = field(default_factory=StorageOptions, metadata={"flatten": "s3_"})
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join: auto, host:port, ray://... (default: $RAY_ADDRESS, else a new local Ray)"})
@@ -54,13 +55,14 @@ class WiderPredictor:
 
     def __init__(self, config: EvaluateConfig, model: ModelIdentity) -> None:
         self.storage = config.s3
+        self.batch_size = config.batch_size
         self.detector = load_detector(config.detector, config.s3, model, config.num_gpus_per_actor)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Val photos are ordinary sizes: the job's pixel limit guards the annotation job's inputs.
         fetched = [fetch_image(str(uri), self.storage, DEFAULT_MAX_PIXELS) for uri in batch["uri"]]
         images = [f.image for f in fetched if f.image is not None]
-        found = iter(self.detector.detect(images) if images else [])
+        found = iter(self.detector.detect(images, self.batch_size) if images else [])
         rows, errors = [], []
         for item in fetched:
             if item.image is None:
@@ -120,13 +122,12 @@ def _run(config: EvaluateConfig) -> dict:
 
     start = time.perf_counter()
     init_ray(config.ray_address)
-    actors = min(
-        -(-len(uris) // config.batch_size), config.actors or pool_size(ray.cluster_resources(), 1.0, config.num_gpus_per_actor)
-    )
+    call = config.batch_size * (PLAN_WINDOW_BATCHES if config.detector.batching == "bucket" else 1)
+    actors = min(-(-len(uris) // call), config.actors or pool_size(ray.cluster_resources(), 1.0, config.num_gpus_per_actor))
     dataset = ray.data.from_items([{"uri": uri} for uri in uris]).map_batches(
         WiderPredictor,
         fn_constructor_args=(config, model),
-        batch_size=config.batch_size,
+        batch_size=call,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=config.num_gpus_per_actor or None,
     )
@@ -152,6 +153,8 @@ def _run(config: EvaluateConfig) -> dict:
         "subset": config.subset,
         "scale": config.detector.scale,
         "tta": config.detector.tta,
+        "batching": config.detector.batching,
+        "precision": config.detector.precision,
         "model_name": model.name,
         "model_version": model.version,
         "model_sha256": model.sha256,

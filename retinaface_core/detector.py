@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .anchors import cached_priors
+from .batching import BATCHING_POLICIES, PRECISIONS, BatchingPolicy, BatchStats, network_dtype
 from .config import RetinaFaceConfig
 from .model import RetinaFaceOutput, optimize_for_inference
 from .postprocessing import Candidates, Detections, decode_candidates, select
@@ -41,6 +42,8 @@ class DetectorSettings:
     pad_multiple: int = field(default=1, metadata={"help": "pad network inputs to a multiple of this so near-equal sizes share a forward pass (1: exact size, reference parity)"})
     clip: bool = field(default=False, metadata={"help": "clip boxes and landmarks to the image"})
     tta: str = field(default="none", metadata={"help": "test-time augmentation: none, or flip and/or pyramid:SCALE,... merged by vote (default) or nms, e.g. flip+pyramid:long:640,long:1024,long:1600 (see retinaface_core/tta.py)"})
+    batching: str = field(default="exact", metadata={"help": "exact: one forward pass per input shape (reference parity); bucket: sort by aspect ratio and pad each batch to a shared canvas, so every forward pass is full", "choices": list(BATCHING_POLICIES)})
+    precision: str = field(default="fp32", metadata={"help": "dtype of weights and activations (post-processing stays fp32); fp16 on CUDA only", "choices": list(PRECISIONS)})
 
     def __post_init__(self) -> None:
         InputScale.parse(self.scale)
@@ -52,6 +55,8 @@ class DetectorSettings:
             raise ValueError(f"score_threshold must be in [0, 1] and nms_iou in (0, 1], got {self.score_threshold}, {self.nms_iou}")
         if min(self.top_k, self.keep_top_k, self.pad_multiple) < 1:
             raise ValueError("top_k, keep_top_k and pad_multiple must be >= 1")
+        if self.batching not in BATCHING_POLICIES or self.precision not in PRECISIONS:
+            raise ValueError(f"batching must be one of {BATCHING_POLICIES} and precision one of {tuple(PRECISIONS)}, got {self.batching!r}, {self.precision!r}")
 
     def resolve(self, storage: StorageOptions | None = None) -> ResolvedModel:
         """The checkpoint to load and its registry version (None unless it came from a registry).
@@ -80,6 +85,12 @@ class Detector:
             equal size share one forward pass. 1 (the default) runs every image at its exact
             size like the reference; padding moves detections near the bottom/right border
             by up to ~12 px (measured on the shared photos with 32), so use it knowingly.
+        batching: ``"exact"`` (each image at its own input shape: reference parity, results
+            independent of batch mates) or ``"bucket"`` (the images of a :meth:`detect` call
+            sorted by aspect ratio and padded per batch to a shared canvas, so that every
+            forward pass is full); see :mod:`batching`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only): the dtype of the weights
+            and activations; decoding and NMS run in fp32 whatever it is.
         optimize: fold BatchNorm into convolutions, merge the heads of each level
             (:func:`model.optimize_for_inference`) and use channels_last. On CPU also set two
             process-wide things: keep freed memory in the heap (:func:`runtime.keep_freed_memory`)
@@ -103,6 +114,8 @@ class Detector:
         keep_top_k: int = 750,
         clip: bool = False,
         pad_multiple: int = 1,
+        batching: BatchingPolicy = "exact",
+        precision: str = "fp32",
         optimize: bool = True,
         compile: bool = False,
         tta: str | TTA | None = None,
@@ -119,8 +132,13 @@ class Detector:
         self.clip = clip
         self.pad_multiple = pad_multiple
         self.tta = TTA.parse(tta or "none")
+        self.batching = batching
+        self.dtype = network_dtype(precision, self.device)
+        # Forward passes run so far, for the batch fill and padding a job reports.
+        self.stats = BatchStats()
         network: nn.Module = optimize_for_inference(loaded.model) if optimize else loaded.model.eval()
-        network = network.to(self.device)
+        # BatchNorm is folded in fp32 first, then the folded weights are cast once.
+        network = network.to(self.device, self.dtype)
         if optimize:
             network = network.to(memory_format=torch.channels_last)
             if self.device.type == "cpu":
@@ -153,39 +171,46 @@ class Detector:
             keep_top_k=settings.keep_top_k,
             clip=settings.clip,
             pad_multiple=settings.pad_multiple,
+            batching=settings.batching,  # type: ignore[arg-type]
+            precision=settings.precision,
             optimize=optimize,
             compile=compile,
             tta=settings.tta,
         )
 
-    def forward(self, pixels: np.ndarray) -> RetinaFaceOutput:
-        """Raw network outputs for (n, H, W, 3) uint8 BGR pixels."""
-        x = to_network_input(pixels, self.config.mean_bgr, self.config.channel_order, self.device)
+    def forward(self, pixels: np.ndarray | torch.Tensor) -> RetinaFaceOutput:
+        """Raw network outputs (in the detector's dtype) for (n, H, W, 3) uint8 BGR pixels."""
+        x = to_network_input(pixels, self.config.mean_bgr, self.config.channel_order, self.device, self.dtype)
         with torch.inference_mode():
             return self.network(x)
 
-    def detect(self, images: np.ndarray | Sequence[np.ndarray]) -> list[Detections]:
+    def detect(self, images: np.ndarray | Sequence[np.ndarray], batch_size: int | None = None) -> list[Detections]:
         """Detect faces in one H x W x 3 uint8 BGR image or a list of them (any sizes).
 
-        Returns one :class:`Detections` per image, in original-image pixel coordinates.
+        ``batch_size`` caps the images per forward pass (None: as many as the batching policy
+        puts together). Returns one :class:`Detections` per image, in original-image pixel
+        coordinates.
         """
         batch = [images] if isinstance(images, np.ndarray) else list(images)
         if self.tta.enabled:
             return detect_with_tta(self, batch, self.tta)
         results: list[Detections] = [Detections.empty()] * len(batch)
-        for group in group_batch(batch, self.scale, self.pad_multiple, self.config.mean_bgr):
-            candidates = self.candidates(group)
+        pin = self.device.type == "cuda"
+        for group in group_batch(batch, self.scale, self.pad_multiple, self.config.mean_bgr, self.batching, batch_size, pin):
+            candidates = self.candidates(group, batch_size or len(batch))
             for row, index in enumerate(group.indices):
                 clip_to = tuple(group.original_sizes[row]) if self.clip else None
                 results[index] = select(candidates, row, self.score_threshold, self.nms_iou, self.keep_top_k, clip_to)
         return results
 
-    def candidates(self, group: InputGroup) -> Candidates:
+    def candidates(self, group: InputGroup, capacity: int | None = None) -> Candidates:
         """The ``top_k`` best anchors above the score threshold of every image of ``group``, decoded
-        to original-image pixels (before NMS)."""
+        to original-image pixels (before NMS); the pass counts in :attr:`stats` as a batch of
+        ``capacity`` places (default: the group's size)."""
         cfg = self.config
-        height, width = group.pixels.shape[1:3]
-        output = self.forward(group.pixels)
+        height, width = group.host.shape[1:3]
+        self.stats.add(len(group.indices), (height, width), group.content_pixels, capacity or len(group.indices))
+        output = self.forward(group.host)
         priors = cached_priors(height, width, cfg.min_sizes, cfg.steps, str(self.device))
         with torch.inference_mode():
             return decode_candidates(

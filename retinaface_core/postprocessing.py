@@ -1,7 +1,8 @@
 """From raw head outputs to detections: top-k, decoding, NMS, mapping back to image pixels.
 
-Everything before NMS runs on the whole batch at once on the model's device; only the
-per-image NMS (OpenCV's C++ implementation) runs per image, never per box in Python.
+Everything before NMS runs on the whole batch at once on the model's device, in float32
+whatever the network's dtype, and comes back in one transfer; only the per-image NMS
+(OpenCV's C++ implementation) runs per image, never per box in Python.
 """
 
 from __future__ import annotations
@@ -91,10 +92,12 @@ def decode_candidates(
     ).view(-1, 1, 1, 2)
     boxes = decode_boxes(box_offsets, anchors, variances).view(*index.shape, 2, 2) * to_pixels
     landmarks = decode_landmarks(landmark_offsets, anchors, variances) * to_pixels
+    # One transfer back for the whole batch: on a GPU each .cpu() is a synchronisation.
+    host = torch.cat([scores.unsqueeze(-1), boxes.reshape(*index.shape, 4), landmarks.reshape(*index.shape, 10)], dim=-1).cpu().numpy()
     return Candidates(
-        scores=scores.cpu().numpy(),
-        boxes=boxes.reshape(*index.shape, 4).cpu().numpy(),
-        landmarks=landmarks.cpu().numpy(),
+        scores=host[..., 0],
+        boxes=host[..., 1:5],
+        landmarks=host[..., 5:].reshape(*index.shape, 5, 2),
     )
 
 

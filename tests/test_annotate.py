@@ -157,26 +157,34 @@ def test_end_to_end_one_row_per_object_with_reasons(annotated):
 
 
 def test_end_to_end_faces_equal_the_detector(annotated, shared_dir):
-    _, _, rows, _ = annotated
+    _, summary, rows, _ = annotated
     detector = Detector(scale=SCALE, score_threshold=0.5)
     real = rows[rows["uri"].str.contains("/in/shared/")]
     assert len(real) == 14
-    total = 0
+    total = matched = 0
     for _, row in real.iterrows():
         local = shared_dir / row["uri"].split("/in/shared/", 1)[1]
         image = read_image(str(local))
         assert (row["height"], row["width"]) == image.shape[:2]
         want = detector.detect(image)[0]
         got = faces_of(row)
-        assert len(got) == len(want) == row["num_faces"], row["uri"]
+        assert len(got) == row["num_faces"]
+        # The job pads images to their batch's canvas (--batching bucket), which moves a few
+        # faces near the padded border or the threshold; the rest are the exact-size detector's.
+        assert abs(len(got) - len(want)) <= max(2, 0.03 * len(want)), row["uri"]
         total += len(want)
-        if len(want):
-            np.testing.assert_allclose(got[["x1", "y1", "x2", "y2"]].to_numpy(), want.boxes, atol=1e-3)
-            np.testing.assert_allclose(got["score"].to_numpy(), want.scores, atol=1e-5)
-            np.testing.assert_allclose(got[["left_eye_x", "left_eye_y"]].to_numpy(), want.landmarks[:, 0], atol=1e-3)
-            assert (got["face_index"].to_numpy() == np.arange(len(want))).all()
+        if len(want) and len(got):
+            boxes = got[["x1", "y1", "x2", "y2"]].to_numpy()
+            distance = np.abs(boxes[:, None, :] - want.boxes[None]).max(-1)
+            pairs = np.argwhere(distance <= 1.0)
+            matched += len(np.unique(pairs[:, 1]))
+            first, twin = pairs[:, 0], pairs[:, 1]
+            np.testing.assert_allclose(got["score"].to_numpy()[first], want.scores[twin], atol=0.02)
+            np.testing.assert_allclose(got[["left_eye_x", "left_eye_y"]].to_numpy()[first], want.landmarks[twin, 0], atol=1.5)
+            assert (got["face_index"].to_numpy() == np.arange(len(got))).all()
             assert got["quality"].between(0, 1).all()
-    assert total > 200
+    assert total > 200 and matched >= 0.95 * total, (matched, total)
+    assert 0.5 < summary["batch_fill"] <= 1 and 0 <= summary["padding_fraction"] < 0.3, summary
 
 
 def test_exif_rotation_and_modes_in_the_job(annotated):
@@ -229,10 +237,13 @@ def test_decode_in_tasks_gives_the_same_rows(ray_session, bucket_input, annotate
     tasks = read_output(str(tmp_path / "out")).set_index("uri").sort_index()
     actor = annotated[2].set_index("uri").loc[subset].sort_index()
     assert (tasks["num_faces"] == actor["num_faces"]).all()
+    # The subset's images share batches with other mates than in the full run, so bucket padding
+    # moves a few boxes by a fraction of a pixel (measured: at most 0.7 px).
     for uri in subset:
         a, b = faces_of(actor.loc[uri]), faces_of(tasks.loc[uri])
         if len(a):
-            np.testing.assert_allclose(a[["x1", "y1", "x2", "y2", "quality"]], b[["x1", "y1", "x2", "y2", "quality"]], atol=1e-3)
+            np.testing.assert_allclose(a[["x1", "y1", "x2", "y2"]], b[["x1", "y1", "x2", "y2"]], atol=1.0)
+            np.testing.assert_allclose(a["quality"], b["quality"], atol=0.05)
 
 
 def test_model_from_the_registry_is_recorded(ray_session, bucket_input, annotated, tmp_path):
