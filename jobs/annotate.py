@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from retinaface_core import DetectorSettings, StorageOptions
+from retinaface_core.batching import PLAN_WINDOW_BATCHES
 from retinaface_core.batching import BatchStats
 from retinaface_core.image_io import DEFAULT_MAX_PIXELS
 from retinaface_core.quality import QUALITY_MODEL_VERSION
@@ -77,10 +78,12 @@ class AnnotateConfig:
 
     @property
     def shard_images(self) -> int:
-        """Images per shard: ``--images-per-shard``, at most 64 with ``--decode tasks``, whose
-        decode task hands a whole shard's pixels to the actor in one object (1,000 decoded photos
-        would be gigabytes)."""
-        return self.images_per_shard if self.decode_mode == "actor" else min(self.images_per_shard, 64)
+        """Images per shard: ``--images-per-shard``; with ``--decode tasks``, whose decode task
+        hands a whole shard's pixels to the actor in one object (1,000 decoded photos would be
+        gigabytes), at most one batching window (``PLAN_WINDOW_BATCHES`` batches)."""
+        if self.decode_mode == "actor":
+            return self.images_per_shard
+        return min(self.images_per_shard, PLAN_WINDOW_BATCHES * self.batch_size)
 
     @property
     def threads_per_actor(self) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -156,7 +157,10 @@ def test_ap_of_bucket_and_bf16_on_the_shared_wider_val_images(published, shared_
 def test_job_summary_reports_batch_fill_and_padding():
     stats = BatchStats(passes=3, images=20, slots=24, canvas_pixels=1000, content_pixels=850)
     rows = [{**_summary("a", [], stats), "images": 20}, {**_summary("b", []), "error": "boom"}]
-    plan = Plan(store=None, shards=[object(), object()], todo=[object(), object()], retry=set(), settings={}, model=None)  # type: ignore[arg-type]
+    plan = Plan(
+        store=None, listed=20, committed=0, new=pa.chunked_array([["x"] * 20]), retry={},  # type: ignore[arg-type]
+        removed=pa.array([], pa.string()), settings={}, model=None, todo=[object(), object()],  # type: ignore[arg-type]
+    )  # fmt: skip
     summary = summarise("run", plan, rows, 1.0)
     assert summary["forward_passes"] == 3
     assert summary["batch_fill"] == pytest.approx(20 / 24, abs=1e-4)
