@@ -76,22 +76,14 @@ def main() -> None:
         print(f"demo: S3 server at {endpoint}, bucket s3://{BUCKET}/ with {count} objects", flush=True)
         import ray
 
-        from retinaface_core import DetectorSettings
-
+        from ._config import from_values
         from .annotate import AnnotateConfig, run
 
         # Started after the S3 variables are exported: workers inherit this environment.
         ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
-        run(
-            AnnotateConfig(
-                input=f"s3://{BUCKET}/",
-                output=str(args.output),
-                images_per_shard=8,
-                detector=DetectorSettings(scale="long:640"),
-                batch_size=4,
-                overwrite=True,
-            )
-        )
+        # The job's defaults but for small shards and batches, as flags would give them.
+        settings = {"input": f"s3://{BUCKET}/", "output": str(args.output), "images_per_shard": 8, "batch_size": 4, "overwrite": True}
+        run(from_values(AnnotateConfig, settings))
         ray.shutdown()
         print_summary(args.output)
 
