@@ -169,17 +169,23 @@ class ShardAnnotator:
                 summaries.append({**_summary(shard_id, []), "error": f"{type(exc).__name__}: {exc}"})
         return {key: np.array([s[key] for s in summaries]) for key in summaries[0]}
 
-    def _decode_ahead(self, uris: list[str]) -> Iterator[FetchedImage]:
+    @property
+    def _detect_window(self) -> int:
+        """Images per detect call: the bucket policy sorts a window of a few batches by aspect
+        ratio, so that each forward pass is full and padded little; exact needs one batch."""
         c = self.config
-        window = max(2 * c.batch_size, 2 * c.decode_threads)
+        return c.batch_size * (PLAN_WINDOW_BATCHES if c.detector.batching == "bucket" else 1)
+
+    def _decode_ahead(self, uris: list[str]) -> Iterator[FetchedImage]:
+        # Two detect windows ahead, so that the next window decodes while this one is detected.
+        c = self.config
+        window = max(2 * self._detect_window, 2 * c.decode_threads)
         return decode_ahead(self.pool, partial(fetch, c), uris, window, c.decode_window_mb * 2**20, c.decode_threads)
 
     def _annotate_shard(self, shard_id: str, decoded: Iterable[FetchedImage], marked: bool) -> dict:
         start = time.perf_counter()
         stats_before = copy.copy(self.detector.stats)
-        # The bucket policy sorts a window of a few batches by aspect ratio, so that each
-        # forward pass is full and padded little; the exact policy needs no more than a batch.
-        window = self.config.batch_size * (PLAN_WINDOW_BATCHES if self.config.detector.batching == "bucket" else 1)
+        window = self._detect_window
         images: list[FetchedImage] = []
         sizes: list[tuple[int, int] | None] = []
         faces: list[dict[str, np.ndarray] | None] = []
