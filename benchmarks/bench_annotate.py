@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--mem-small", type=int, default=200, help="images of the small memory run; the large one has 10x; 0 skips the memory runs")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the bare loop")
+    parser.add_argument("--batching", default=None, help="the job's --batching (default: the job's own default)")
     parser.add_argument("--shared", type=Path, default=Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared")))
     args = parser.parse_args()
     shared = args.shared if args.shared.is_dir() else None
@@ -182,7 +183,7 @@ def main() -> None:
         loop_before, loop_n, loop_faces = bare_loop("bench/throughput", work / "loop.parquet", args.torch_threads)
         start_ray()
         job_start = time.perf_counter()
-        summary = run_job("bench/throughput", work / "job")
+        summary = run_job("bench/throughput", work / "job", **({"batching": args.batching} if args.batching else {}))
         job_s = time.perf_counter() - job_start
         ray.shutdown()
         loop_after, _, _ = bare_loop("bench/throughput", work / "loop.parquet", args.torch_threads)

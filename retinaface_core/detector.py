@@ -90,7 +90,8 @@ class Detector:
             sorted by aspect ratio and padded per batch to a shared canvas, so that every
             forward pass is full); see :mod:`batching`.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only): the dtype of the weights
-            and activations; decoding and NMS run in fp32 whatever it is.
+            and activations; decoding and NMS run in fp32 whatever it is. With ``optimize``,
+            biases are corrected for the rounding of the weights (:func:`model.correct_rounding_bias`).
         optimize: fold BatchNorm into convolutions, merge the heads of each level
             (:func:`model.optimize_for_inference`) and use channels_last. On CPU also set two
             process-wide things: keep freed memory in the heap (:func:`runtime.keep_freed_memory`)
@@ -136,8 +137,8 @@ class Detector:
         self.dtype = network_dtype(precision, self.device)
         # Forward passes run so far, for the batch fill and padding a job reports.
         self.stats = BatchStats()
-        network: nn.Module = optimize_for_inference(loaded.model) if optimize else loaded.model.eval()
         # BatchNorm is folded in fp32 first, then the folded weights are cast once.
+        network: nn.Module = optimize_for_inference(loaded.model, self.dtype) if optimize else loaded.model.eval()
         network = network.to(self.device, self.dtype)
         if optimize:
             network = network.to(memory_format=torch.channels_last)
