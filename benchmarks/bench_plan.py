@@ -66,7 +66,7 @@ def child(step: str, uri: str, output: str) -> dict:
         listed = time.perf_counter()
         store = OutputStore(output)
         listing = store.listing()
-        done = store.read_uris(listing.committed).column("uri").combine_chunks()
+        done = store.read_uris(listing.committed).combine_chunks()
         new = uris.filter(pc.invert(pc.is_in(uris, value_set=done)))
         result = {"objects": len(uris), "files": len(listing.committed), "new": len(new), "input_listing_s": listed - start}
     result.update(seconds=time.perf_counter() - start, rss_growth_mib=_rss_mib() - base)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -41,7 +42,20 @@ def is_image_name(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _friendly(uri: str, exc: Exception) -> JobError:
+_IMAGE_NAME = r"\.(" + "|".join(ext[1:] for ext in IMAGE_EXTENSIONS) + r")$"
+
+
+def image_name_mask(names: pa.Array | pa.ChunkedArray) -> pa.BooleanArray | pa.ChunkedArray:
+    """:func:`is_image_name` of every string of ``names`` at once (no Python string per name)."""
+    return pc.match_substring_regex(names, _IMAGE_NAME, ignore_case=True)
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
+    """``fs`` as a pyarrow filesystem (pickles with its settings, so Ray workers open the same store)."""
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def storage_error(uri: str, exc: Exception) -> JobError:
     if isinstance(exc, PermissionError):
         return JobError(f"{uri}: access denied ({exc}); check the credentials and the S3 settings")
     if isinstance(exc, FileNotFoundError):
@@ -74,7 +88,7 @@ def list_input(uri: str, options: StorageOptions | None = None) -> pa.ChunkedArr
     except JobError:
         raise
     except Exception as exc:
-        raise _friendly(uri, exc) from exc
+        raise storage_error(uri, exc) from exc
     if not len(uris):
         raise JobError(f"{uri}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, any case)")
     return uris if presorted else uris.take(pc.sort_indices(uris))
@@ -144,6 +158,27 @@ def make_shards(uris: Sequence[str] | pa.Array | pa.ChunkedArray, images_per_sha
 
 def shard_id(uris: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(uris).encode()).hexdigest()[:16]
+
+
+def shard_table(shards: Sequence[Shard], retry: bool) -> pa.Table:
+    """Shards as rows of ``shard`` (id), ``uris`` (list<string>) and ``retry`` (whether it is
+    redone for storage errors): what the annotator actors take. URIs stay Arrow strings."""
+    arrays = [_string_array(s.uris) for s in shards]
+    offsets = np.cumsum([0] + [len(a) for a in arrays], dtype=np.int32)
+    values = pa.concat_arrays(arrays) if arrays else pa.array([], pa.string())
+    return pa.table({
+        "shard": pa.array([s.id for s in shards], pa.string()),
+        "uris": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values),
+        "retry": pa.array([retry] * len(shards), pa.bool_()),
+    })
+
+
+def _string_array(uris: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(uris, pa.ChunkedArray):
+        return uris.combine_chunks()
+    if isinstance(uris, pa.Array):
+        return uris
+    return pa.array(list(uris), pa.string())
 
 
 @dataclass(frozen=True)
@@ -234,7 +269,7 @@ class OutputStore:
             return pa.chunked_array([], pa.string())
         dataset = pads.dataset(
             [self.shard_path(shard, fp) for shard, fp in committed.items()],
-            filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs)),
+            filesystem=arrow_filesystem(self.fs),
             format="parquet",
         )
         return dataset.to_table(columns=["uri"]).column("uri")
