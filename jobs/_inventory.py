@@ -345,7 +345,7 @@ class InventoryImages:
         groups = _groups(self.count, images_per_shard * CUT_GROUP_SHARDS)
         return (
             self.dataset.map_batches(_with_bucket, fn_kwargs={"buckets": groups}, batch_format="pyarrow", batch_size=None)
-            .groupby("bucket")
+            .groupby("bucket", num_partitions=groups)
             .map_groups(_cut, fn_kwargs={"images_per_shard": images_per_shard}, batch_format="pyarrow")
             .materialize()
         )
@@ -384,12 +384,12 @@ def _plan(inventory: Inventory, committed_files: list[str], output_fs: fsspec.Ab
         sides.append(_paths(committed_files).map_batches(
             _read_committed, fn_kwargs={"fs": output_fs}, batch_format="pyarrow", batch_size=1
         ).materialize())  # fmt: skip
-    rows = sum(side.count() for side in sides)
+    groups = _groups(sum(side.count() for side in sides), JOIN_GROUP_ROWS)
     committed = sides[1].count() if committed_files else 0
     joined = (
         union(sides)
-        .map_batches(_with_bucket, fn_kwargs={"buckets": _groups(rows, JOIN_GROUP_ROWS)}, batch_format="pyarrow", batch_size=None)
-        .groupby("bucket")
+        .map_batches(_with_bucket, fn_kwargs={"buckets": groups}, batch_format="pyarrow", batch_size=None)
+        .groupby("bucket", num_partitions=groups)
         .map_groups(_anti_join, batch_format="pyarrow")
         .materialize()
     )  # fmt: skip

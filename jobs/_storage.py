@@ -274,6 +274,19 @@ class OutputStore:
         )
         return dataset.to_table(columns=["uri"]).column("uri")
 
+    def uri_batches(self, committed: dict[str, str]) -> Iterator[pa.Array]:
+        """The ``uri`` column of the given committed shards, streamed a record batch at a time
+        (files read ahead in parallel), so that no more than a few batches are held at once."""
+        if not committed:
+            return
+        dataset = pads.dataset(
+            [self.shard_path(shard, fp) for shard, fp in committed.items()],
+            filesystem=arrow_filesystem(self.fs),
+            format="parquet",
+        )
+        for batch in dataset.to_batches(columns=["uri"]):
+            yield batch.column("uri")
+
     def read_settings(self, shard_id: str, fingerprint: str) -> dict[str, Any] | None:
         """The settings a committed shard records in its Parquet metadata (None for shards written
         before shards recorded them)."""
@@ -298,6 +311,48 @@ class OutputStore:
             self.fs.rm(probe)
         except Exception as exc:
             raise JobError(f"output {self.uri} is not writable ({type(exc).__name__}: {exc})") from exc
+
+
+def uri_digests(uris: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The 128-bit BLAKE2b digest of each URI's UTF-8 bytes, shape (n, 2) uint64: 16 B per URI.
+    Two different URIs share one with probability about n^2 / 2^129 (1e-23 at 10^8 URIs)."""
+    chunks = uris.chunks if isinstance(uris, pa.ChunkedArray) else [uris]
+    parts = [
+        np.frombuffer(b"".join([hashlib.blake2b(u.encode(), digest_size=16).digest() for u in chunk.to_pylist()]), np.uint64)
+        for chunk in chunks
+        if len(chunk)
+    ]
+    return np.concatenate(parts).reshape(-1, 2) if parts else np.zeros((0, 2), np.uint64)
+
+
+class DigestSet:
+    """URI digests (see :func:`uri_digests`) kept sorted for membership tests of many at once:
+    16 B per member, where Arrow's hash set of the URIs themselves costs ~130 B."""
+
+    def __init__(self, digests: np.ndarray) -> None:
+        order = np.argsort(digests[:, 0])
+        self.hi, self.lo = digests[order, 0], digests[order, 1]
+
+    def __len__(self) -> int:
+        return len(self.hi)
+
+    def contains(self, digests: np.ndarray) -> np.ndarray:
+        """Whether each of ``digests`` (n, 2) is a member (bool, n). The queries are sorted
+        first: binary searches in order walk memory in order (measured 30x faster at 10^7)."""
+        if not len(self.hi):
+            return np.zeros(len(digests), bool)
+        order = np.argsort(digests[:, 0])
+        hi, lo = digests[order, 0], digests[order, 1]
+        at = np.minimum(np.searchsorted(self.hi, hi), len(self.hi) - 1)
+        same_hi = self.hi[at] == hi
+        found = same_hi & (self.lo[at] == lo)
+        # Members whose first halves are equal (about n^2 / 2^65 of them): compare with each.
+        for i in np.flatnonzero(same_hi & ~found):
+            end = np.searchsorted(self.hi, hi[i], side="right")
+            found[i] = bool((self.lo[at[i] : end] == lo[i]).any())
+        result = np.empty(len(digests), bool)
+        result[order] = found
+        return result
 
 
 def settings_fingerprint(settings: dict[str, Any]) -> str:
