@@ -33,7 +33,7 @@ import posixpath
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus
 
 import fsspec
@@ -320,7 +320,7 @@ def _groups(rows: int, per_group: int) -> int:
     return max(1, -(-rows // per_group))
 
 
-def _paths(paths: list[str] | tuple[str, ...]) -> "ray.data.Dataset":
+def _paths(paths: list[str] | tuple[str, ...]) -> ray.data.Dataset:
     """One row per file, in up to ``READ_TASKS`` blocks: a block is one read task."""
     import ray
 
@@ -332,13 +332,13 @@ class InventoryImages:
     """The new URIs of an inventory plan: a materialized Ray dataset (column ``uri``) in the
     object store, and their count on the driver."""
 
-    dataset: Any
+    dataset: ray.data.Dataset
     count: int
 
     def __len__(self) -> int:
         return self.count
 
-    def shard_rows(self, images_per_shard: int) -> "ray.data.Dataset | None":
+    def shard_rows(self, images_per_shard: int) -> ray.data.Dataset | None:
         """Shard rows (``shard``, ``uris``, ``retry``) of ``images_per_shard`` new URIs, materialized."""
         if not self.count:
             return None

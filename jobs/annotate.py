@@ -175,12 +175,13 @@ def _comparable(settings: dict) -> dict:
 
 
 def prepare(config: AnnotateConfig, run_id: str) -> Plan:
-    """Every job-level check, before any Ray work.
+    """Every job-level check, then the plan: on the driver from a listing, or in Ray Data from
+    an inventory (``--inventory``; its files are checked before any Ray work).
 
     Raises :class:`JobError` with a message naming the problem: bad settings, a checkpoint that
-    cannot be found, an input that cannot be listed, an output that cannot be written, or an
-    output written with other settings (by an earlier run, by a concurrent one, or found in a
-    shard's own name).
+    cannot be found, an input that cannot be listed, an inventory that cannot be read, an output
+    that cannot be written, or an output written with other settings (by an earlier run, by a
+    concurrent one, or found in a shard's own name).
     """
     if config.batch_size < 1 or (config.actors is not None and config.actors < 1):
         raise JobError("--batch-size and --actors must be >= 1")

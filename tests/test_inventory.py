@@ -13,7 +13,6 @@ from urllib.parse import quote_plus
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from jobs._samples import generated_images
 from jobs._storage import make_shards
