@@ -95,7 +95,9 @@ def inventory_child(planner: str, inventory: str, output: str) -> dict:
 
         base, start = _rss_mib(), time.perf_counter()
         uris = list_input(inventory + ".parquet")
+        listed = _rss_mib()
         new, _, _ = split_listing(uris, store, store.listing().committed)
+        result["split_mib"] = _rss_mib() - listed
         rows, count = len(uris), len(new)
         del uris, new
     else:
@@ -280,8 +282,26 @@ def print_inventories(figures: dict[int, dict[str, dict]]) -> None:
         print(
             f"inventory {rows} URIs ({ray_['new']} new, half committed; {ray_['shards']} shards): Ray planner {ray_['seconds']:.1f} s, driver peak RSS "
             f"+{ray_['rss_growth_mib']:.1f} MiB = {ray_['rss_growth_mib'] * 2**20 / rows:.1f} B/object; driver planner "
-            f"{driver['seconds']:.1f} s, +{driver['rss_growth_mib']:.1f} MiB = {driver['rss_growth_mib'] * 2**20 / rows:.0f} B/object"
+            f"{driver['seconds']:.1f} s, +{driver['rss_growth_mib']:.1f} MiB = {driver['rss_growth_mib'] * 2**20 / rows:.0f} B/object, "
+            f"of which split_listing +{driver['split_mib']:.1f} MiB = {driver['split_mib'] * 2**20 / rows:.0f} B/object"
         )
+    if len(figures) > 1:
+        (small, a), (large, b) = min(figures.items()), max(figures.items())
+        per_object = {k: (b[k]["rss_growth_mib"] - a[k]["rss_growth_mib"]) * 2**20 / (large - small) for k in ("ray", "driver")}
+        split = (b["driver"]["split_mib"] - a["driver"]["split_mib"]) * 2**20 / (large - small)
+        seconds = (b["ray"]["seconds"] - a["ray"]["seconds"]) / (large - small)
+        print(
+            f"inventory marginal per object ({small} -> {large}): Ray planner driver RSS {per_object['ray']:.1f} B, "
+            f"{seconds * 1e6:.0f} us of planning (this machine's CPUs); driver planner {per_object['driver']:.0f} B "
+            f"(split_listing {split:.0f} B)"
+        )
+        for scale in (10**7, 10**8):
+            print(
+                f"at {scale:.0e} objects from an inventory (linear): Ray planner driver RSS "
+                f"+{(b['ray']['rss_growth_mib'] * 2**20 + per_object['ray'] * (scale - large)) / 2**30:.2f} GiB, "
+                f"{(b['ray']['seconds'] + seconds * (scale - large)) / 60:.0f} min on 2 CPUs; driver planner "
+                f"{(b['driver']['rss_growth_mib'] * 2**20 + per_object['driver'] * (scale - large)) / 2**30:.2f} GiB"
+            )
 
 
 if __name__ == "__main__":

@@ -326,21 +326,24 @@ def uri_digests(uris: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 class DigestSet:
-    """URI digests (see :func:`uri_digests`) kept sorted for membership tests of many at once:
-    16 B per member, where Arrow's hash set of the URIs themselves costs ~130 B."""
+    """URI digests (see :func:`uri_digests`) kept sorted, for finding many at once: 24 B per
+    member (first and second halves, and the member's index), where Arrow's hash set of the
+    URIs themselves costs ~130 B."""
 
     def __init__(self, digests: np.ndarray) -> None:
-        order = np.argsort(digests[:, 0])
-        self.hi, self.lo = digests[order, 0], digests[order, 1]
+        self.order = np.argsort(digests[:, 0])
+        self.hi, self.lo = digests[self.order, 0], digests[self.order, 1]
 
     def __len__(self) -> int:
         return len(self.hi)
 
-    def contains(self, digests: np.ndarray) -> np.ndarray:
-        """Whether each of ``digests`` (n, 2) is a member (bool, n). The queries are sorted
-        first: binary searches in order walk memory in order (measured 30x faster at 10^7)."""
-        if not len(self.hi):
-            return np.zeros(len(digests), bool)
+    def find(self, digests: np.ndarray) -> np.ndarray:
+        """The index (in the order the members were given) of each of ``digests`` (n, 2), -1
+        where absent. Queries are sorted first: binary searches in order walk memory in order
+        (measured 30x faster than random ones for 10^7 of them)."""
+        result = np.full(len(digests), -1, np.int64)
+        if not len(self.hi) or not len(digests):
+            return result
         order = np.argsort(digests[:, 0])
         hi, lo = digests[order, 0], digests[order, 1]
         at = np.minimum(np.searchsorted(self.hi, hi), len(self.hi) - 1)
@@ -349,9 +352,10 @@ class DigestSet:
         # Members whose first halves are equal (about n^2 / 2^65 of them): compare with each.
         for i in np.flatnonzero(same_hi & ~found):
             end = np.searchsorted(self.hi, hi[i], side="right")
-            found[i] = bool((self.lo[at[i] : end] == lo[i]).any())
-        result = np.empty(len(digests), bool)
-        result[order] = found
+            match = np.flatnonzero(self.lo[at[i] : end] == lo[i])
+            if len(match):
+                at[i], found[i] = at[i] + match[0], True
+        result[order[found]] = self.order[at[found]]
         return result
 
 

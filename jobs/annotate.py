@@ -24,7 +24,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -235,36 +235,46 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
     return Plan(store, listed, len(listing.committed), new, retry, removed, examples, settings, model)
 
 
+# Committed URIs looked up at once: enough that the sorted queries walk the listing's digests
+# in order, few enough to hold (~15 MB with their strings).
+LOOKUP_ROWS = 1 << 18
+
+
 def split_listing(uris: pa.ChunkedArray, store: OutputStore, committed: dict[str, str]) -> tuple[ListedImages, int, list[str]]:
     """The listed URIs (each once) that no committed shard holds, and how many committed URIs
     are no longer listed, with up to 3 of them.
 
-    Compared by digest (:class:`DigestSet`): the committed ``uri`` columns are read a batch at a
-    time and only their 16-byte digests kept, so the driver holds the listing plus ~40 B per
-    URI at the peak, where Arrow's ``is_in`` held ~230 B (the committed URIs, a copy, and a
-    hash set of them). Naming removed URIs reads the committed columns a second time, only
-    when there are some, and stops at the third.
+    Compared by digest (:class:`DigestSet`): the listing's digests are kept (24 B per URI, 40
+    at the peak while they are sorted) and the committed ``uri`` columns are streamed past them
+    ``LOOKUP_ROWS`` at a time, so the driver holds the listing plus ~40 B per URI, where
+    Arrow's ``is_in`` held ~230 B (the committed URIs, a copy and a hash set of them).
     """
-    parts = [uri_digests(batch) for batch in store.uri_batches(committed)]
-    if not parts:
-        return ListedImages(uris), 0, []
-    done = DigestSet(np.concatenate(parts))
-    del parts
-    listed = uri_digests(uris)
-    annotated = done.contains(listed)
-    count = int(annotated.sum())
-    new = uris.filter(pa.array(~annotated)) if count else uris
-    # Both sides hold each URI once: every committed URI not found in the listing is gone.
-    removed = len(done) - count
-    del done, annotated
-    examples: list[str] = []
-    if removed:
-        members = DigestSet(listed)
-        for batch in store.uri_batches(committed):
-            examples += batch.filter(pa.array(~members.contains(uri_digests(batch))))[: 3 - len(examples)].to_pylist()
-            if len(examples) == 3:
-                break
+    listed = DigestSet(uri_digests(uris))
+    annotated = np.zeros(len(uris), bool)
+    removed, examples = 0, []
+    for done, digests in _lookup_rounds(store.uri_batches(committed)):
+        found = listed.find(digests)
+        annotated[found[found >= 0]] = True
+        missing = found < 0
+        removed += int(missing.sum())
+        examples += done.filter(pa.array(missing))[: 3 - len(examples)].to_pylist()
+    del listed
+    new = uris.filter(pa.array(~annotated)) if annotated.any() else uris
     return ListedImages(new), removed, examples
+
+
+def _lookup_rounds(batches: Iterator[pa.Array]) -> Iterator[tuple[pa.ChunkedArray, np.ndarray]]:
+    """``batches`` of URIs regrouped into rounds of about ``LOOKUP_ROWS``, with their digests."""
+    held: list[pa.Array] = []
+    digests: list[np.ndarray] = []
+    for batch in batches:
+        held.append(batch)
+        digests.append(uri_digests(batch))
+        if sum(map(len, digests)) >= LOOKUP_ROWS:
+            yield pa.chunked_array(held, pa.string()), np.concatenate(digests)
+            held, digests = [], []
+    if held:
+        yield pa.chunked_array(held, pa.string()), np.concatenate(digests)
 
 
 def shard_rows(plan: Plan, images_per_shard: int, actors: int) -> ray.data.Dataset:
