@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,12 +39,22 @@ sys.path.insert(0, str(REPO_ROOT))
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS since the last :func:`_reset_peak` (Linux ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def _reset_peak() -> None:
+    """Start the peak RSS afresh from the current RSS, so that a transient peak of the imports
+    before the measured step does not hide its growth (Linux: ``5`` to ``clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def child(step: str, uri: str, output: str) -> dict:
     """One measured step, run in this (fresh) process."""
     from jobs._storage import OutputStore, list_input
+    from jobs.annotate import split_listing
 
     if step.startswith("inventory"):
         return inventory_child(step.split(":", 1)[1], uri, output)
@@ -53,6 +62,7 @@ def child(step: str, uri: str, output: str) -> dict:
     # Imports, the S3 client and its connection pool are made by a first, one-object listing, so
     # that the growth measured below is the listing's own.
     list_input("s3://plan/warm/")
+    _reset_peak()
     base = _rss_mib()
     start = time.perf_counter()
     if step == "list":
@@ -69,14 +79,15 @@ def child(step: str, uri: str, output: str) -> dict:
             "first_seconds": first_s,
         }
     else:
-        from jobs.annotate import split_listing
-
         uris = list_input(uri)
-        listed = time.perf_counter()
+        listed, listed_rss = time.perf_counter(), _rss_mib()
         store = OutputStore(output)
         listing = store.listing()
         new, _, _ = split_listing(uris, store, listing.committed)
-        result = {"objects": len(uris), "files": len(listing.committed), "new": len(new), "input_listing_s": listed - start}
+        result = {
+            "objects": len(uris), "files": len(listing.committed), "new": len(new), "input_listing_s": listed - start,
+            "split_mib": _rss_mib() - listed_rss,
+        }  # fmt: skip
     result.update(seconds=time.perf_counter() - start, rss_growth_mib=_rss_mib() - base)
     return result
 
@@ -87,12 +98,12 @@ def inventory_child(planner: str, inventory: str, output: str) -> dict:
     driver planner; peak RSS growth of this (driver) process."""
     from jobs._inventory import open_inventory, plan_inventory
     from jobs._storage import OutputStore, list_input
+    from jobs.annotate import split_listing
 
     store = OutputStore(output)
     result: dict = {}
     if planner == "driver":
-        from jobs.annotate import split_listing
-
+        _reset_peak()
         base, start = _rss_mib(), time.perf_counter()
         uris = list_input(inventory + ".parquet")
         listed = _rss_mib()
@@ -107,6 +118,7 @@ def inventory_child(planner: str, inventory: str, output: str) -> dict:
         ray.data.DataContext.get_current().enable_progress_bars = False
         # Ray Data's own first-use costs, paid by a plan of the warm-up inventory.
         plan_inventory(open_inventory(inventory + "-warm", "s3://plan/"), [], store.fs).new.shard_rows(1000)
+        _reset_peak()
         base, start = _rss_mib(), time.perf_counter()
         committed = [store.shard_path(s, fp) for s, fp in sorted(store.listing().committed.items())]
         found = plan_inventory(open_inventory(inventory, "s3://plan/"), committed, store.fs)
@@ -251,7 +263,7 @@ def main() -> None:
     print(
         f"resume  : {resume_s:.2f} s for the output listing ({math.ceil(resume['files'] / 1000)} LIST requests), "
         f"reading {resume['files']} uri columns and the anti-join; {resume['new']} new; driver peak RSS +{resume['rss_growth_mib']:.1f} MiB "
-        f"(input listing included) = {resume_b:.0f} B/object"
+        f"(input listing included) = {resume_b:.0f} B/object, of which split_listing {resume['split_mib'] * 2**20 / n:.0f} B/object"
     )
     for scale in (10**7, 10**8):
         print(
@@ -287,8 +299,9 @@ def print_inventories(figures: dict[int, dict[str, dict]]) -> None:
         )
     if len(figures) > 1:
         (small, a), (large, b) = min(figures.items()), max(figures.items())
-        per_object = {k: (b[k]["rss_growth_mib"] - a[k]["rss_growth_mib"]) * 2**20 / (large - small) for k in ("ray", "driver")}
-        split = (b["driver"]["split_mib"] - a["driver"]["split_mib"]) * 2**20 / (large - small)
+        # Growth below the noise of fixed costs reads as none, not as a negative cost.
+        per_object = {k: max(0.0, b[k]["rss_growth_mib"] - a[k]["rss_growth_mib"]) * 2**20 / (large - small) for k in ("ray", "driver")}
+        split = max(0.0, b["driver"]["split_mib"] - a["driver"]["split_mib"]) * 2**20 / (large - small)
         seconds = (b["ray"]["seconds"] - a["ray"]["seconds"]) / (large - small)
         print(
             f"inventory marginal per object ({small} -> {large}): Ray planner driver RSS {per_object['ray']:.1f} B, "

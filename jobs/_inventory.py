@@ -126,7 +126,7 @@ def _s3_inventory(fs: fsspec.AbstractFileSystem, path: str, uri: str, input_uri:
         raise JobError(f"{uri}: fileFormat {manifest['fileFormat']!r} is not supported ({' or '.join(S3_INVENTORY_FORMATS)})")
     input_fs, input_path = filesystem(input_uri, options)
     if fs.protocol != input_fs.protocol:
-        raise JobError(f"{uri}: an S3 Inventory lists an S3 bucket, but --input is {input_uri}")
+        raise JobError(f"{uri}: an S3 Inventory manifest and --input ({input_uri}) must both be s3:// URIs")
     bucket, _, key_prefix = input_path.partition("/")
     if bucket != manifest["sourceBucket"]:
         raise JobError(f"{uri}: inventory of bucket {manifest['sourceBucket']!r}, but --input {input_uri} is in bucket {bucket!r}")
