@@ -60,6 +60,9 @@ CUT_GROUP_SHARDS = 100
 # Blocks of file names, so read tasks each read a run of files; the driver holds this many
 # block references, whatever the number of files.
 READ_TASKS = 256
+# URIs per block the read tasks yield (~4 MB): well above Ray's 100 KB limit for results held
+# in the driver's memory.
+BLOCK_ROWS = 1 << 16
 
 S3_INVENTORY_FORMATS = ("CSV", "Parquet")
 # Column names of an S3 Inventory by data file format: key, bucket, latest version, delete marker.
@@ -259,25 +262,43 @@ def _batches(inventory: Inventory, path: str) -> Iterator[pa.RecordBatch]:
 
 def _read_inventory_files(batch: pa.Table, inventory: Inventory) -> Iterator[pa.Table]:
     """Ray Data UDF: rows of data file ``path`` -> their selected URIs (column ``uri``, side listed)."""
-    for path in batch.column("path").to_pylist():
-        try:
-            for records in _batches(inventory, path):
-                uris = _select(inventory, records)
-                if len(uris):
-                    yield _tagged(uris, _LISTED)
-        except Exception as exc:
-            raise InventoryError(f"{inventory.uri}: data file {inventory.describe(path)} cannot be read ({type(exc).__name__}: {exc})") from exc
+    yield from _blocks(_inventory_uris(inventory, path) for path in batch.column("path").to_pylist())
+
+
+def _inventory_uris(inventory: Inventory, path: str) -> Iterator[pa.Array]:
+    try:
+        for records in _batches(inventory, path):
+            yield _select(inventory, records)
+    except Exception as exc:
+        raise InventoryError(f"{inventory.uri}: data file {inventory.describe(path)} cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
 def _read_committed(batch: pa.Table, fs: fsspec.AbstractFileSystem) -> Iterator[pa.Table]:
     """Ray Data UDF: rows of committed shard file ``path`` -> their ``uri`` column (side done)."""
-    for path in batch.column("path").to_pylist():
-        with fs.open(path, "rb") as f:
-            yield _tagged(pq.read_table(f, columns=["uri"]).column("uri").combine_chunks(), _DONE)
+    yield from _blocks((_committed_uris(fs, path) for path in batch.column("path").to_pylist()), _DONE)
+
+
+def _committed_uris(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[pa.Array]:
+    with fs.open(path, "rb") as f:
+        yield pq.read_table(f, columns=["uri"]).column("uri").combine_chunks()
+
+
+def _blocks(files: Iterator[Iterator[pa.Array]], side: int = _LISTED) -> Iterator[pa.Table]:
+    """The URIs of every file, tagged with their side, in blocks of at least ``BLOCK_ROWS``
+    (the last may be smaller): Ray hands a task's results under 100 KB to the driver's own
+    memory, so blocks of one shard file's 1,000 URIs would pile up there."""
+    held: list[pa.Array] = []
+    for uris in (uris for file in files for uris in file):
+        held.append(uris.cast(pa.string()))
+        if sum(map(len, held)) >= BLOCK_ROWS:
+            yield _tagged(pa.concat_arrays(held), side)
+            held = []
+    if held:
+        yield _tagged(pa.concat_arrays(held), side)
 
 
 def _tagged(uris: pa.Array, side: int) -> pa.Table:
-    return pa.table({"uri": uris.cast(pa.string()), "side": pa.array(np.full(len(uris), side, np.int8))})
+    return pa.table({"uri": uris, "side": pa.array(np.full(len(uris), side, np.int8))})
 
 
 def _with_bucket(batch: pa.Table, buckets: int) -> pa.Table:
@@ -377,12 +398,12 @@ def plan_inventory(inventory: Inventory, committed_files: list[str], output_fs: 
 
 def _plan(inventory: Inventory, committed_files: list[str], output_fs: fsspec.AbstractFileSystem) -> InventoryPlan:
     listed = _paths(inventory.files).map_batches(
-        _read_inventory_files, fn_kwargs={"inventory": inventory}, batch_format="pyarrow", batch_size=1
+        _read_inventory_files, fn_kwargs={"inventory": inventory}, batch_format="pyarrow", batch_size=None
     ).materialize()
     sides = [listed]
     if committed_files:
         sides.append(_paths(committed_files).map_batches(
-            _read_committed, fn_kwargs={"fs": output_fs}, batch_format="pyarrow", batch_size=1
+            _read_committed, fn_kwargs={"fs": output_fs}, batch_format="pyarrow", batch_size=None
         ).materialize())  # fmt: skip
     groups = _groups(sum(side.count() for side in sides), JOIN_GROUP_ROWS)
     committed = sides[1].count() if committed_files else 0
