@@ -360,7 +360,8 @@ class InventoryImages:
         return self.count
 
     def shard_rows(self, images_per_shard: int) -> ray.data.Dataset | None:
-        """Shard rows (``shard``, ``uris``, ``retry``) of ``images_per_shard`` new URIs, materialized."""
+        """Shard rows (``shard``, ``uris``, ``retry``) of ``images_per_shard`` new URIs, one block
+        each, materialized (the driver holds one block reference per shard)."""
         if not self.count:
             return None
         groups = _groups(self.count, images_per_shard * CUT_GROUP_SHARDS)
@@ -368,6 +369,7 @@ class InventoryImages:
             self.dataset.map_batches(_with_bucket, fn_kwargs={"buckets": groups}, batch_format="pyarrow", batch_size=None)
             .groupby("bucket", num_partitions=groups)
             .map_groups(_cut, fn_kwargs={"images_per_shard": images_per_shard}, batch_format="pyarrow")
+            .repartition(target_num_rows_per_block=1)
             .materialize()
         )
 

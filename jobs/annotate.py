@@ -114,7 +114,8 @@ class NewImages(Protocol):
     def __len__(self) -> int: ...
 
     def shard_rows(self, images_per_shard: int) -> ray.data.Dataset | None:
-        """Materialized rows ``shard``, ``uris``, ``retry`` (see :func:`shard_table`); None if none."""
+        """Materialized rows ``shard``, ``uris``, ``retry`` (see :func:`shard_table`), one block
+        each; None if none."""
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,9 @@ def _lookup_rounds(batches: Iterator[pa.Array]) -> Iterator[tuple[pa.ChunkedArra
 
 
 def shard_rows(plan: Plan, images_per_shard: int, actors: int) -> ray.data.Dataset:
-    """The shards to do, one row (and one block) each: those to redo, then the new URIs in
+    """The shards to do, one row and one block each, so that the actor pool hands shards out
+    one at a time (materialized: no task of its own competes with the actors for CPUs): those
+    to redo, then the new URIs in
     shards of ``images_per_shard``, cut finer when there are too few to give each actor one.
     Sets ``plan.todo``."""
     import ray
@@ -289,8 +292,7 @@ def shard_rows(plan: Plan, images_per_shard: int, actors: int) -> ray.data.Datas
     if new is not None:
         parts.append(new)
     plan.todo = sum(part.count() for part in parts)
-    # One shard per block, so that the actor pool hands shards out one at a time.
-    return union(parts).repartition(target_num_rows_per_block=1)
+    return union(parts)
 
 
 def run_pipeline(config: AnnotateConfig, run_id: str, plan: Plan) -> list[dict]:
