@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -41,7 +42,20 @@ def is_image_name(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _friendly(uri: str, exc: Exception) -> JobError:
+_IMAGE_NAME = r"\.(" + "|".join(ext[1:] for ext in IMAGE_EXTENSIONS) + r")$"
+
+
+def image_name_mask(names: pa.Array | pa.ChunkedArray) -> pa.BooleanArray | pa.ChunkedArray:
+    """:func:`is_image_name` of every string of ``names`` at once (no Python string per name)."""
+    return pc.match_substring_regex(names, _IMAGE_NAME, ignore_case=True)
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
+    """``fs`` as a pyarrow filesystem (pickles with its settings, so Ray workers open the same store)."""
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def storage_error(uri: str, exc: Exception) -> JobError:
     if isinstance(exc, PermissionError):
         return JobError(f"{uri}: access denied ({exc}); check the credentials and the S3 settings")
     if isinstance(exc, FileNotFoundError):
@@ -74,7 +88,7 @@ def list_input(uri: str, options: StorageOptions | None = None) -> pa.ChunkedArr
     except JobError:
         raise
     except Exception as exc:
-        raise _friendly(uri, exc) from exc
+        raise storage_error(uri, exc) from exc
     if not len(uris):
         raise JobError(f"{uri}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, any case)")
     return uris if presorted else uris.take(pc.sort_indices(uris))
@@ -144,6 +158,27 @@ def make_shards(uris: Sequence[str] | pa.Array | pa.ChunkedArray, images_per_sha
 
 def shard_id(uris: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(uris).encode()).hexdigest()[:16]
+
+
+def shard_table(shards: Sequence[Shard], retry: bool) -> pa.Table:
+    """Shards as rows of ``shard`` (id), ``uris`` (list<string>) and ``retry`` (whether it is
+    redone for storage errors): what the annotator actors take. URIs stay Arrow strings."""
+    arrays = [_string_array(s.uris) for s in shards]
+    offsets = np.cumsum([0] + [len(a) for a in arrays], dtype=np.int32)
+    values = pa.concat_arrays(arrays) if arrays else pa.array([], pa.string())
+    return pa.table({
+        "shard": pa.array([s.id for s in shards], pa.string()),
+        "uris": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values),
+        "retry": pa.array([retry] * len(shards), pa.bool_()),
+    })
+
+
+def _string_array(uris: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(uris, pa.ChunkedArray):
+        return uris.combine_chunks()
+    if isinstance(uris, pa.Array):
+        return uris
+    return pa.array(list(uris), pa.string())
 
 
 @dataclass(frozen=True)
@@ -234,10 +269,23 @@ class OutputStore:
             return pa.chunked_array([], pa.string())
         dataset = pads.dataset(
             [self.shard_path(shard, fp) for shard, fp in committed.items()],
-            filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs)),
+            filesystem=arrow_filesystem(self.fs),
             format="parquet",
         )
         return dataset.to_table(columns=["uri"]).column("uri")
+
+    def uri_batches(self, committed: dict[str, str]) -> Iterator[pa.Array]:
+        """The ``uri`` column of the given committed shards, streamed a record batch at a time
+        (files read ahead in parallel), so that no more than a few batches are held at once."""
+        if not committed:
+            return
+        dataset = pads.dataset(
+            [self.shard_path(shard, fp) for shard, fp in committed.items()],
+            filesystem=arrow_filesystem(self.fs),
+            format="parquet",
+        )
+        for batch in dataset.to_batches(columns=["uri"]):
+            yield batch.column("uri")
 
     def read_settings(self, shard_id: str, fingerprint: str) -> dict[str, Any] | None:
         """The settings a committed shard records in its Parquet metadata (None for shards written
@@ -263,6 +311,50 @@ class OutputStore:
             self.fs.rm(probe)
         except Exception as exc:
             raise JobError(f"output {self.uri} is not writable ({type(exc).__name__}: {exc})") from exc
+
+
+def uri_digests(uris: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The 128-bit BLAKE2b digest of each URI's UTF-8 bytes, shape (n, 2) uint64: 16 B per URI.
+    Two different URIs share one with probability about n^2 / 2^129 (1e-23 at 10^8 URIs)."""
+    chunks = uris.chunks if isinstance(uris, pa.ChunkedArray) else [uris]
+    # A slice at a time: its Python strings and digests cost ~150 B per URI while they live.
+    slices = (chunk.slice(start, 1 << 16) for chunk in chunks for start in range(0, len(chunk), 1 << 16))
+    parts = [np.frombuffer(b"".join([hashlib.blake2b(u.encode(), digest_size=16).digest() for u in piece.to_pylist()]), np.uint64) for piece in slices]
+    return np.concatenate(parts).reshape(-1, 2) if parts else np.zeros((0, 2), np.uint64)
+
+
+class DigestSet:
+    """URI digests (see :func:`uri_digests`) kept sorted, for finding many at once: 24 B per
+    member (first and second halves, and the member's index), where Arrow's hash set of the
+    URIs themselves costs ~130 B."""
+
+    def __init__(self, digests: np.ndarray) -> None:
+        self.order = np.argsort(digests[:, 0])
+        self.hi, self.lo = digests[self.order, 0], digests[self.order, 1]
+
+    def __len__(self) -> int:
+        return len(self.hi)
+
+    def find(self, digests: np.ndarray) -> np.ndarray:
+        """The index (in the order the members were given) of each of ``digests`` (n, 2), -1
+        where absent. Queries are sorted first: binary searches in order walk memory in order
+        (measured 30x faster than random ones for 10^7 of them)."""
+        result = np.full(len(digests), -1, np.int64)
+        if not len(self.hi) or not len(digests):
+            return result
+        order = np.argsort(digests[:, 0])
+        hi, lo = digests[order, 0], digests[order, 1]
+        at = np.minimum(np.searchsorted(self.hi, hi), len(self.hi) - 1)
+        same_hi = self.hi[at] == hi
+        found = same_hi & (self.lo[at] == lo)
+        # Members whose first halves are equal (about n^2 / 2^65 of them): compare with each.
+        for i in np.flatnonzero(same_hi & ~found):
+            end = np.searchsorted(self.hi, hi[i], side="right")
+            match = np.flatnonzero(self.lo[at[i] : end] == lo[i])
+            if len(match):
+                at[i], found[i] = at[i] + match[0], True
+        result[order[found]] = self.order[at[found]]
+        return result
 
 
 def settings_fingerprint(settings: dict[str, Any]) -> str:

@@ -8,10 +8,11 @@ or on a cluster::
 
     ray job submit --working-dir . -- python -m jobs.annotate --input ... --output ...
 
-The input is listed and cut into shards on the driver; shards already committed under the
-output are skipped; the rest stream through a Ray Data actor pool, each shard becoming one
-Parquet object whose write is its commit. See ``docs/annotate.md`` for the flags, the output
-layout and the queries.
+The input is listed and cut into shards on the driver, or, from an inventory (``--inventory``),
+planned in Ray Data without holding the URIs on the driver; images already in committed shards
+of the output are skipped; the rest stream through a Ray Data actor pool, each shard becoming
+one Parquet object whose write is its commit. See ``docs/annotate.md`` for the flags, the
+output layout and the queries.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from retinaface_core import DetectorSettings, StorageOptions
 from retinaface_core.batching import PLAN_WINDOW_BATCHES
@@ -40,15 +42,20 @@ from schemas.annotation import SCHEMA_VERSION
 from ._cluster import init_ray, pool_size
 from ._config import config_dict, format_config, parse_config
 from ._model import ModelIdentity, resolve_model_identity
-from ._storage import JobError, OutputStore, Shard, list_input, make_shards, settings_fingerprint
+from ._inventory import open_inventory, plan_inventory, union
+from ._storage import DigestSet, JobError, OutputStore, Shard, list_input, make_shards, settings_fingerprint, shard_table, uri_digests
+
+if TYPE_CHECKING:
+    import ray.data
 
 
 @dataclass
 class AnnotateConfig:
     """Detect faces with landmarks and quality scores in images under a URI prefix or in a manifest."""
 
-    input: str = field(metadata={"help": "URI prefix listed recursively for images, or a manifest (.txt/.lst/.csv one URI per line, or .parquet with a 'uri' column)"})
+    input: str = field(metadata={"help": "URI prefix listed recursively for images, or a manifest (.txt/.lst/.csv one URI per line, or .parquet with a 'uri' column); with --inventory, the prefix the inventory's entries are selected under"})
     output: str = field(metadata={"help": "output dataset URI (local path, file://, s3://, ...)"})
+    inventory: str | None = field(default=None, metadata={"help": "take the input from an inventory instead of listing --input, planned with Ray Data so the driver never holds every URI (for 10^8 objects): an S3 Inventory manifest.json (CSV or Parquet) of --input's bucket, or a Parquet file or folder with a 'uri' column"})
     images_per_shard: int = field(default=1000, metadata={"help": "images per output file, the unit of commit (fewer when there are too few new images to give every actor a shard)"})
     detector: DetectorSettings = field(default_factory=lambda: DetectorSettings(scale="long:640", batching="bucket"), metadata={"flatten": ""})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "images with more pixels become error rows (decompression bombs)"})
@@ -101,24 +108,52 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
+class NewImages(Protocol):
+    """The listed URIs that no committed shard holds, cut into shards once the pool size is known."""
+
+    def __len__(self) -> int: ...
+
+    def shard_rows(self, images_per_shard: int) -> ray.data.Dataset | None:
+        """Materialized rows ``shard``, ``uris``, ``retry`` (see :func:`shard_table`), one block
+        each; None if none."""
+
+
+@dataclass(frozen=True)
+class ListedImages:
+    """New URIs held on the driver (sorted Arrow strings), cut into consecutive shards there."""
+
+    uris: pa.ChunkedArray
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def shard_rows(self, images_per_shard: int) -> ray.data.Dataset | None:
+        import ray
+
+        shards = make_shards(self.uris, images_per_shard)
+        return ray.data.from_arrow([shard_table([s], retry=False) for s in shards]) if shards else None
+
+
 @dataclass
 class Plan:
-    """What a run does, decided on the driver before any Ray work.
+    """What a run does, decided before any annotation work.
 
-    ``new`` are the listed URIs that no committed shard holds (sorted; cut into shards once the
-    pool size is known), ``retry`` the committed shards to redo for their storage errors (id ->
-    their URIs), ``removed`` the committed URIs the listing no longer has (reported, kept).
+    ``new`` are the listed URIs that no committed shard holds, ``retry`` the committed shards to
+    redo for their storage errors (id -> their URIs), ``removed`` the count of committed URIs
+    the input no longer has (reported, kept; ``removed_examples`` up to 3 of them), ``todo``
+    the count of shards to do once they are cut.
     """
 
     store: OutputStore
     listed: int
     committed: int
-    new: pa.ChunkedArray
+    new: NewImages
     retry: dict[str, list[str]]
-    removed: pa.Array
+    removed: int
+    removed_examples: list[str]
     settings: dict
     model: ModelIdentity
-    todo: list[Shard] = field(default_factory=list)
+    todo: int = 0
 
 
 def output_settings(config: AnnotateConfig, model: ModelIdentity) -> dict:
@@ -141,12 +176,13 @@ def _comparable(settings: dict) -> dict:
 
 
 def prepare(config: AnnotateConfig, run_id: str) -> Plan:
-    """Every job-level check, before any Ray work.
+    """Every job-level check, then the plan: on the driver from a listing, or in Ray Data from
+    an inventory (``--inventory``; its files are checked before any Ray work).
 
     Raises :class:`JobError` with a message naming the problem: bad settings, a checkpoint that
-    cannot be found, an input that cannot be listed, an output that cannot be written, or an
-    output written with other settings (by an earlier run, by a concurrent one, or found in a
-    shard's own name).
+    cannot be found, an input that cannot be listed, an inventory that cannot be read, an output
+    that cannot be written, or an output written with other settings (by an earlier run, by a
+    concurrent one, or found in a shard's own name).
     """
     if config.batch_size < 1 or (config.actors is not None and config.actors < 1):
         raise JobError("--batch-size and --actors must be >= 1")
@@ -157,7 +193,8 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
     model, _ = resolve_model_identity(config.detector, config.s3)
     store = OutputStore(config.output, config.s3)
     store.check_writable()
-    uris = list_input(config.input, config.s3)
+    inventory = open_inventory(config.inventory, config.input, config.s3) if config.inventory else None
+    uris = None if inventory else list_input(config.input, config.s3)
     if config.overwrite:
         store.clear()
     settings = output_settings(config, model)
@@ -185,36 +222,78 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
         )
     # What is already annotated comes from the output itself (its uri column), so a grown input
     # gets only its new objects annotated, in new shards, and no URI is ever annotated twice.
-    done_uris = store.read_uris(listing.committed).combine_chunks()
-    new = uris.filter(pc.invert(pc.is_in(uris, value_set=done_uris)))
-    # Only when some annotated image is not listed any more is the (second) set built to name them.
-    removed = done_uris[:0]
-    if len(done_uris) > len(uris) - len(new):
-        removed = done_uris.filter(pc.invert(pc.is_in(done_uris, value_set=uris.combine_chunks())))
+    if inventory is not None:
+        init_ray(config.ray_address)
+        found = plan_inventory(inventory, [store.shard_path(s, fp) for s, fp in sorted(listing.committed.items())], store.fs)
+        listed, new, removed, examples = found.listed, found.new, found.removed, found.removed_examples
+    else:
+        listed = len(uris)
+        new, removed, examples = split_listing(uris, store, listing.committed)
+        del uris  # the new ones are what the run keeps
     retry_ids = sorted(listing.retry & listing.committed.keys())
     retry = {shard: store.read_uris({shard: listing.committed[shard]}).to_pylist() for shard in retry_ids}
     store.write_json(f"_runs/{run_id}/config.json", {"run_id": run_id, **config_dict(config)})
-    return Plan(store, len(uris), len(listing.committed), new, retry, removed, settings, model)
+    return Plan(store, listed, len(listing.committed), new, retry, removed, examples, settings, model)
 
 
-def cut_shards(plan: Plan, images_per_shard: int, actors: int) -> list[Shard]:
-    """The shards to do: those to redo, then the new URIs in consecutive shards of
-    ``images_per_shard``, cut finer when there are too few to give each actor one."""
+# Committed URIs looked up at once: enough that the sorted queries walk the listing's digests
+# in order, few enough to hold (~15 MB with their strings).
+LOOKUP_ROWS = 1 << 18
+
+
+def split_listing(uris: pa.ChunkedArray, store: OutputStore, committed: dict[str, str]) -> tuple[ListedImages, int, list[str]]:
+    """The listed URIs (each once) that no committed shard holds, and how many committed URIs
+    are no longer listed, with up to 3 of them.
+
+    Compared by digest (:class:`DigestSet`): the listing's digests are kept (24 B per URI, 40
+    at the peak while they are sorted) and the committed ``uri`` columns are streamed past them
+    ``LOOKUP_ROWS`` at a time. Measured with the listing, all committed, at 3*10^6 URIs: 105 B
+    per URI at the peak, where Arrow's ``is_in`` needed 255 (the committed URIs, a copy and a
+    hash set of them; ``benchmarks/bench_plan.py``).
+    """
+    listed = DigestSet(uri_digests(uris))
+    annotated = np.zeros(len(uris), bool)
+    removed, examples = 0, []
+    for done, digests in _lookup_rounds(store.uri_batches(committed)):
+        found = listed.find(digests)
+        annotated[found[found >= 0]] = True
+        missing = found < 0
+        removed += int(missing.sum())
+        examples += done.filter(pa.array(missing))[: 3 - len(examples)].to_pylist()
+    del listed
+    new = uris.filter(pa.array(~annotated)) if annotated.any() else uris
+    return ListedImages(new), removed, examples
+
+
+def _lookup_rounds(batches: Iterator[pa.Array]) -> Iterator[tuple[pa.ChunkedArray, np.ndarray]]:
+    """``batches`` of URIs regrouped into rounds of about ``LOOKUP_ROWS``, with their digests."""
+    held: list[pa.Array] = []
+    digests: list[np.ndarray] = []
+    for batch in batches:
+        held.append(batch)
+        digests.append(uri_digests(batch))
+        if sum(map(len, digests)) >= LOOKUP_ROWS:
+            yield pa.chunked_array(held, pa.string()), np.concatenate(digests)
+            held, digests = [], []
+    if held:
+        yield pa.chunked_array(held, pa.string()), np.concatenate(digests)
+
+
+def shard_rows(plan: Plan, images_per_shard: int, actors: int) -> ray.data.Dataset:
+    """The shards to do, one row and one block each, so that the actor pool hands shards out
+    one at a time (materialized: no task of its own competes with the actors for CPUs): those
+    to redo, then the new URIs in
+    shards of ``images_per_shard``, cut finer when there are too few to give each actor one.
+    Sets ``plan.todo``."""
+    import ray
+
     size = max(1, min(images_per_shard, -(-len(plan.new) // actors)))
-    return [Shard(shard, uris) for shard, uris in plan.retry.items()] + make_shards(plan.new, size)
-
-
-def _shard_row(shard: Shard, retry: bool) -> pa.Table:
-    uris = shard.uris
-    if isinstance(uris, pa.ChunkedArray):
-        uris = uris.combine_chunks()
-    elif not isinstance(uris, pa.Array):
-        uris = pa.array(uris, pa.string())
-    return pa.table({
-        "shard": [shard.id],
-        "uris": pa.ListArray.from_arrays(pa.array([0, len(uris)], pa.int32()), uris),
-        "retry": [retry],
-    })
+    parts = [ray.data.from_arrow([shard_table([Shard(shard, uris)], retry=True) for shard, uris in plan.retry.items()])] if plan.retry else []
+    new = plan.new.shard_rows(size)
+    if new is not None:
+        parts.append(new)
+    plan.todo = sum(part.count() for part in parts)
+    return union(parts)
 
 
 def run_pipeline(config: AnnotateConfig, run_id: str, plan: Plan) -> list[dict]:
@@ -225,17 +304,14 @@ def run_pipeline(config: AnnotateConfig, run_id: str, plan: Plan) -> list[dict]:
 
     init_ray(config.ray_address)
     pool = config.actors or pool_size(ray.cluster_resources(), config.num_cpus_per_actor, config.num_gpus_per_actor)
-    plan.todo = todo = cut_shards(plan, config.shard_images, pool)
+    ds = shard_rows(plan, config.shard_images, pool)
     # An actor without a shard to work on would only load a model.
-    actors = min(len(todo), pool)
+    actors = min(plan.todo, pool)
     print(
-        f"{len(todo)} shards to do ({len(plan.retry)} again for storage errors); detector actors: {actors}, "
+        f"{plan.todo} shards to do ({len(plan.retry)} again for storage errors); detector actors: {actors}, "
         f"torch threads per actor: {config.threads_per_actor}, decode: {config.decode_mode}",
         flush=True,
     )
-    # One block per shard, so that the actor pool hands shards out one at a time; the URIs go as
-    # Arrow lists, never as Python strings.
-    ds = ray.data.from_arrow([_shard_row(s, s.id in plan.retry) for s in todo])
     if config.decode_mode == "tasks":
         ds = ds.map_batches(decode_shards, fn_kwargs={"config": config}, batch_size=1, num_cpus=config.decode_cpus)
     gpus = config.num_gpus_per_actor
@@ -268,8 +344,8 @@ def summarise(run_id: str, plan: Plan, results: list[dict], seconds: float) -> d
         "run_id": run_id,
         "images_listed": plan.listed,
         "images_new": len(plan.new),
-        "images_removed_from_input": len(plan.removed),
-        "shards_total": plan.committed + len(plan.todo) - len(plan.retry),
+        "images_removed_from_input": plan.removed,
+        "shards_total": plan.committed + plan.todo - len(plan.retry),
         "shards_skipped_already_committed": plan.committed - len(plan.retry),
         "shards_redone_for_storage_errors": len(plan.retry),
         "shards_processed": len(done),
@@ -307,10 +383,10 @@ def run(config: AnnotateConfig) -> dict:
         f"{len(plan.new)} new; {len(plan.retry)} shards to redo for storage errors",
         flush=True,
     )
-    if len(plan.removed):
-        examples = ", ".join(plan.removed[:3].to_pylist())
+    if plan.removed:
+        examples = ", ".join(plan.removed_examples)
         print(
-            f"annotate: warning: {len(plan.removed)} annotated images are no longer in the input (e.g. {examples}); "
+            f"annotate: warning: {plan.removed} annotated images are no longer in the input (e.g. {examples}); "
             "their rows stay in the output",
             flush=True,
         )
@@ -336,7 +412,7 @@ def run(config: AnnotateConfig) -> dict:
     if failed:
         listed = "; ".join(f"{shard}: {error}" for shard, error in list(failed.items())[:5])
         raise ShardsFailed(
-            f"{len(failed)} of {len(plan.todo)} shards did not commit after {config.shard_attempts} attempts ({listed}); "
+            f"{len(failed)} of {plan.todo} shards did not commit after {config.shard_attempts} attempts ({listed}); "
             "the others are committed: rerun the same command to do the rest"
         )
     return summary

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.bench_device import simulate_plan
-from jobs.annotate import Plan, summarise
+from jobs.annotate import ListedImages, Plan, summarise
 from jobs._annotator import _summary
 from retinaface_core import Detector, load_weights
 from retinaface_core.batching import PLAN_WINDOW_BATCHES, BatchStats, plan_batches
@@ -193,8 +193,8 @@ def test_job_summary_reports_batch_fill_and_padding():
     stats = BatchStats(passes=3, images=20, slots=24, canvas_pixels=1000, content_pixels=850)
     rows = [{**_summary("a", [], stats), "images": 20}, {**_summary("b", []), "error": "boom"}]
     plan = Plan(
-        store=None, listed=20, committed=0, new=pa.chunked_array([["x"] * 20]), retry={},  # type: ignore[arg-type]
-        removed=pa.array([], pa.string()), settings={}, model=None, todo=[object(), object()],  # type: ignore[arg-type]
+        store=None, listed=20, committed=0, new=ListedImages(pa.chunked_array([["x"] * 20])), retry={},  # type: ignore[arg-type]
+        removed=0, removed_examples=[], settings={}, model=None, todo=2,  # type: ignore[arg-type]
     )  # fmt: skip
     summary = summarise("run", plan, rows, 1.0)
     assert summary["forward_passes"] == 3
