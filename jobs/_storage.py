@@ -265,14 +265,7 @@ class OutputStore:
 
     def read_uris(self, committed: dict[str, str]) -> pa.ChunkedArray:
         """The ``uri`` column of the given committed shards (id -> fingerprint), read in parallel."""
-        if not committed:
-            return pa.chunked_array([], pa.string())
-        dataset = pads.dataset(
-            [self.shard_path(shard, fp) for shard, fp in committed.items()],
-            filesystem=arrow_filesystem(self.fs),
-            format="parquet",
-        )
-        return dataset.to_table(columns=["uri"]).column("uri")
+        return pa.chunked_array(list(self.uri_batches(committed)), pa.string())
 
     def uri_batches(self, committed: dict[str, str]) -> Iterator[pa.Array]:
         """The ``uri`` column of the given committed shards, streamed a record batch at a time
