@@ -35,7 +35,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from retinaface_core.batching import PLAN_WINDOW_BATCHES, BatchStats, plan_batches  # noqa: E402
+from retinaface_core.batching import PLAN_WINDOW_BATCHES, BatchStats, canvas_ladder, plan_batches  # noqa: E402
 from retinaface_core.preprocessing import InputScale  # noqa: E402
 
 # Used where val_image_sizes.csv is absent: common photo shapes, (height, width).
@@ -55,14 +55,16 @@ def simulate_plan(
     sizes: list[tuple[int, int]], scale: str, batch_size: int, window: int, policy: str, pad_multiple: int = 1
 ) -> BatchStats:
     """Fill and padding when consecutive windows of ``window`` images of ``sizes`` (original
-    (height, width)) are each planned like one detect call of a job's actor."""
+    (height, width)) are each planned like one detect call of a job's actor (bucket canvases
+    from the scale's ladder, as the Detector plans them)."""
     parsed = InputScale.parse(scale)
+    ladder = canvas_ladder(parsed.max_side) if policy == "bucket" else None
     stats = BatchStats()
     for start in range(0, len(sizes), window):
         chunk = sizes[start : start + window]
         shapes = [parsed.input_shape(h, w, pad_multiple) for h, w in chunk]
         content = [parsed.resized_shape(h, w) for h, w in chunk]
-        for batch in plan_batches(shapes, batch_size, policy):  # type: ignore[arg-type]
+        for batch in plan_batches(shapes, batch_size, policy, ladder):  # type: ignore[arg-type]
             stats.add(len(batch.indices), batch.canvas, sum(content[i][0] * content[i][1] for i in batch.indices), batch_size)
     return stats
 

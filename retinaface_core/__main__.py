@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         detector = Detector(
-            args.weights, config=args.config, device=args.device, scale=args.scale,
-            score_threshold=args.threshold, nms_iou=args.nms_iou, clip=args.clip, tta=args.tta,
+            args.weights, model_config=args.config, device=args.device, scale=str(args.scale),
+            score_threshold=args.threshold, nms_iou=args.nms_iou, clip=args.clip, tta=str(args.tta or "none"),
         )
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .anchors import cached_priors
-from .batching import BATCHING_POLICIES, PRECISIONS, BatchingPolicy, BatchStats, network_dtype
-from .config import RetinaFaceConfig
+from .batching import BATCHING_POLICIES, BatchStats, canvas_ladder, ladder_canvases
 from .model import RetinaFaceOutput, optimize_for_inference
-from .postprocessing import Candidates, Detections, decode_candidates, select
-from .preprocessing import InputGroup, InputScale, group_batch, to_network_input
+from .postprocessing import Candidates, Detections, FaceBatch, decode_candidates, select_faces
+from .precision import PRECISIONS, network_dtype
+from .preprocessing import Image, InputGroup, InputScale, group_batch, to_network_input
 from .registry import ResolvedModel, resolve_model
 from .runtime import bound_kernel_caches, keep_freed_memory
 from .storage import StorageOptions
 from .tta import TTA, detect_with_tta
 from .weights import LoadedWeights, load_weights
+
+
+_NO_CANDIDATES = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
 
 
 @dataclass(frozen=True)
@@ -69,72 +76,57 @@ class DetectorSettings:
 
 
 class Detector:
-    """RetinaFace with inference-time optimisations and vectorised pre/post-processing.
+    """RetinaFace with inference-time optimisations and batched pre/post-processing on its device.
 
     Args:
-        weights: checkpoint name, path or fsspec URI (see :mod:`weights`); ``None`` uses
-            ``$RETINAFACE_WEIGHTS`` or the default checkpoint.
-        config: architecture/anchor config name, when the checkpoint is not a known one.
+        weights: checkpoint name, path or fsspec URI (see :mod:`weights`), or weights already
+            loaded; ``None`` resolves ``settings`` (``$RETINAFACE_WEIGHTS`` or the default
+            checkpoint when it names none).
+        settings: what to run and how (:class:`DetectorSettings`, validated there); keyword
+            arguments named like its fields override single fields, e.g.
+            ``Detector(scale="long:640", score_threshold=0.5)``.
         device: torch device to run on (``"cpu"``, ``"cuda:0"``, ...).
-        scale: ``"original"``, ``"long:N"`` or ``"square:N"`` (see :class:`InputScale`).
-        score_threshold: keep detections with score > this.
-        nms_iou: IoU above which NMS suppresses the lower-scoring box.
-        top_k: candidates per image kept before NMS; keep_top_k: detections kept after it.
-        clip: clip boxes and landmarks to the image.
-        pad_multiple: pad network inputs up to a multiple of this, so that images of nearly
-            equal size share one forward pass. 1 (the default) runs every image at its exact
-            size like the reference; padding moves detections near the bottom/right border
-            by up to ~12 px (measured on the shared photos with 32), so use it knowingly.
-        batching: ``"exact"`` (each image at its own input shape: reference parity, results
-            independent of batch mates) or ``"bucket"`` (the images of a :meth:`detect` call
-            sorted by aspect ratio and padded per batch to a shared canvas, so that every
-            forward pass is full); see :mod:`batching`.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only): the dtype of the weights
-            and activations; decoding and NMS run in fp32 whatever it is. With ``optimize``,
-            biases are corrected for the rounding of the weights (:func:`model.correct_rounding_bias`).
+        storage: S3 settings for a checkpoint or registry given as a URI.
         optimize: fold BatchNorm into convolutions, merge the heads of each level
-            (:func:`model.optimize_for_inference`) and use channels_last. On CPU also set two
-            process-wide things: keep freed memory in the heap (:func:`runtime.keep_freed_memory`)
-            and cap the per-shape kernel caches (:func:`runtime.bound_kernel_caches`).
-        compile: wrap the network in ``torch.compile`` with weights frozen as constants (about
-            10 s of compilation per input shape on first use; pays off at a fixed ``square:N``).
-        tta: test-time augmentation, e.g. ``"flip+pyramid:original,long:640"`` (see :class:`TTA`);
-            ``None`` or ``"none"`` runs one plain pass at ``scale``.
+            (:func:`model.optimize_for_inference`) and use channels_last; below fp32 also
+            correct the biases for the rounding of the weights (:func:`model.correct_rounding_bias`).
+            On CPU also set two process-wide things: keep freed memory in the heap
+            (:func:`runtime.keep_freed_memory`) and cap the per-shape kernel caches
+            (:func:`runtime.bound_kernel_caches`).
+        compile: wrap the network in ``torch.compile`` with weights frozen as constants (a
+            compilation per input shape on first use; pays off with few canvases).
+
+    On a GPU, bucket batches are padded to ``batch_size`` rows so that every forward pass has
+    one of the few shapes of :meth:`canvases`, which :meth:`warm_up` builds before the first
+    real pass.
     """
 
     def __init__(
         self,
         weights: str | LoadedWeights | None = None,
         *,
-        config: str | RetinaFaceConfig | None = None,
+        settings: DetectorSettings | None = None,
         device: str | torch.device = "cpu",
-        scale: str | InputScale = "original",
-        score_threshold: float = 0.5,
-        nms_iou: float = 0.4,
-        top_k: int = 5000,
-        keep_top_k: int = 750,
-        clip: bool = False,
-        pad_multiple: int = 1,
-        batching: BatchingPolicy = "exact",
-        precision: str = "fp32",
+        storage: StorageOptions | None = None,
         optimize: bool = True,
         compile: bool = False,
-        tta: str | TTA | None = None,
+        **overrides: Any,
     ) -> None:
-        loaded = weights if isinstance(weights, LoadedWeights) else load_weights(weights, config=config)
+        settings = dataclasses.replace(settings or DetectorSettings(), **overrides)
+        if isinstance(weights, str):
+            settings = dataclasses.replace(settings, weights=weights, model=None)
+        self.settings = settings
+        if isinstance(weights, LoadedWeights):
+            loaded = weights
+        else:
+            checkpoint, _ = settings.resolve(storage)
+            loaded = load_weights(checkpoint, config=settings.model_config, storage=storage)
         self.weights = loaded
         self.config = loaded.config
         self.device = torch.device(device)
-        self.scale = InputScale.parse(scale)
-        self.score_threshold = score_threshold
-        self.nms_iou = nms_iou
-        self.top_k = top_k
-        self.keep_top_k = keep_top_k
-        self.clip = clip
-        self.pad_multiple = pad_multiple
-        self.tta = TTA.parse(tta or "none")
-        self.batching = batching
-        self.dtype = network_dtype(precision, self.device)
+        self.scale = InputScale.parse(settings.scale)
+        self.tta = TTA.parse(settings.tta)
+        self.dtype = network_dtype(settings.precision, self.device)
         # Forward passes run so far, for the batch fill and padding a job reports.
         self.stats = BatchStats()
         # BatchNorm is folded in fp32 first, then the folded weights are cast once.
@@ -159,25 +151,12 @@ class Detector:
         compile: bool = False,
     ) -> Detector:
         """The detector ``settings`` describe; ``weights`` already loaded skips resolving them again."""
-        if weights is None:
-            checkpoint, _ = settings.resolve(storage)
-            weights = load_weights(checkpoint, config=settings.model_config, storage=storage)
-        return cls(
-            weights,
-            device=device,
-            scale=settings.scale,
-            score_threshold=settings.score_threshold,
-            nms_iou=settings.nms_iou,
-            top_k=settings.top_k,
-            keep_top_k=settings.keep_top_k,
-            clip=settings.clip,
-            pad_multiple=settings.pad_multiple,
-            batching=settings.batching,  # type: ignore[arg-type]
-            precision=settings.precision,
-            optimize=optimize,
-            compile=compile,
-            tta=settings.tta,
-        )
+        return cls(weights, settings=settings, device=device, storage=storage, optimize=optimize, compile=compile)
+
+    @property
+    def _fixed_batch(self) -> bool:
+        # Fixed tensor shapes matter where each new one costs kernel selection: on a GPU.
+        return self.device.type == "cuda" and self.settings.batching == "bucket"
 
     def forward(self, pixels: np.ndarray | torch.Tensor) -> RetinaFaceOutput:
         """Raw network outputs (in the detector's dtype) for (n, H, W, 3) uint8 BGR pixels."""
@@ -185,29 +164,80 @@ class Detector:
         with torch.inference_mode():
             return self.network(x)
 
-    def detect(self, images: np.ndarray | Sequence[np.ndarray], batch_size: int | None = None) -> list[Detections]:
-        """Detect faces in one H x W x 3 uint8 BGR image or a list of them (any sizes).
+    def canvases(self, scales: Sequence[InputScale] = ()) -> list[tuple[int, int]]:
+        """The (height, width) network inputs bucket batches at ``scales`` (default: the
+        detector's own and its TTA pyramid's) can have, where the set is bounded (a fixed long
+        side); exact batching and other scales have no such set and contribute nothing."""
+        if self.settings.batching != "bucket":
+            return []
+        shapes: set[tuple[int, int]] = set()
+        for scale in scales or (self.tta.scales or (self.scale,)):
+            if scale.mode == "square" and scale.max_side:
+                side = -(-scale.max_side // self.settings.pad_multiple) * self.settings.pad_multiple
+                shapes.add((side, side))
+            elif scale.max_side:
+                shapes.update(ladder_canvases(scale.max_side, canvas_ladder(scale.max_side)))
+        return sorted(shapes)
+
+    def warm_up(self, batch_size: int) -> float:
+        """Run one forward pass of ``batch_size`` blank images on every canvas of :meth:`canvases`,
+        so that no later pass pays for kernel selection on a new shape; returns the seconds taken."""
+        start = time.perf_counter()
+        rows = batch_size if self._fixed_batch else 1
+        for height, width in self.canvases():
+            self.forward(torch.zeros((rows, height, width, 3), dtype=torch.uint8, device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def detect(self, images: Image | Sequence[Image], batch_size: int | None = None) -> list[Detections]:
+        """Detect faces in one H x W x 3 uint8 BGR image or a list of them (any sizes; numpy
+        arrays, or torch tensors on any device).
 
         ``batch_size`` caps the images per forward pass (None: as many as the batching policy
         puts together). Returns one :class:`Detections` per image, in original-image pixel
         coordinates.
         """
-        batch = [images] if isinstance(images, np.ndarray) else list(images)
+        batch = [images] if isinstance(images, (np.ndarray, torch.Tensor)) else list(images)
         if self.tta.enabled:
-            return detect_with_tta(self, batch, self.tta)
-        results: list[Detections] = [Detections.empty()] * len(batch)
-        pin = self.device.type == "cuda"
-        for group in group_batch(batch, self.scale, self.pad_multiple, self.config.mean_bgr, self.batching, batch_size, pin):
-            candidates = self.candidates(group, batch_size or len(batch))
+            return detect_with_tta(batch, self.tta, partial(self.view_candidates, batch_size=batch_size), self.settings)
+        return self.detect_faces(batch, batch_size).detections()
+
+    def detect_faces(self, images: Sequence[Image], batch_size: int | None = None) -> FaceBatch:
+        """The faces of ``images`` as one :class:`FaceBatch` on the detector's device (what the
+        per-face work that follows takes without a transfer); without TTA."""
+        s = self.settings
+        parts = []
+        for group in self._groups(images, self.scale, batch_size):
+            candidates = self.candidates(group, batch_size or len(images))
+            clip_to = group.original_sizes if s.clip else None
+            with torch.inference_mode():
+                parts.append((select_faces(candidates, s.score_threshold, s.nms_iou, s.keep_top_k, clip_to), group.indices))
+        return FaceBatch.merge(parts, len(images), self.device)
+
+    def view_candidates(
+        self, views: Sequence[Image], scale: InputScale, batch_size: int | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per view, its candidates above the score threshold before NMS, in that view's pixels:
+        (M, 4) boxes, (M,) scores, (M, 5, 2) landmarks; the views run in this detector's batches."""
+        found = [_NO_CANDIDATES] * len(views)
+        for group in self._groups(views, scale, batch_size):
+            c = self.candidates(group, batch_size or len(views))
+            scores, boxes, landmarks = (t.cpu().numpy() for t in (c.scores, c.boxes, c.landmarks))
             for row, index in enumerate(group.indices):
-                clip_to = tuple(group.original_sizes[row]) if self.clip else None
-                results[index] = select(candidates, row, self.score_threshold, self.nms_iou, self.keep_top_k, clip_to)
-        return results
+                valid = int(np.count_nonzero(scores[row] > self.settings.score_threshold))
+                found[index] = (boxes[row, :valid], scores[row, :valid], landmarks[row, :valid])
+        return found
+
+    def _groups(self, images: Sequence[Image], scale: InputScale, batch_size: int | None) -> list[InputGroup]:
+        s = self.settings
+        pin = self.device.type == "cuda"
+        return group_batch(images, scale, s.pad_multiple, self.config.mean_bgr, s.batching, batch_size, pin, self._fixed_batch)
 
     def candidates(self, group: InputGroup, capacity: int | None = None) -> Candidates:
         """The ``top_k`` best anchors above the score threshold of every image of ``group``, decoded
-        to original-image pixels (before NMS); the pass counts in :attr:`stats` as a batch of
-        ``capacity`` places (default: the group's size)."""
+        to original-image pixels (before NMS), on the detector's device; the pass counts in
+        :attr:`stats` as a batch of ``capacity`` places (default: the group's size)."""
         cfg = self.config
         height, width = group.host.shape[1:3]
         self.stats.add(len(group.indices), (height, width), group.content_pixels, capacity or len(group.indices))
@@ -215,5 +245,5 @@ class Detector:
         priors = cached_priors(height, width, cfg.min_sizes, cfg.steps, str(self.device))
         with torch.inference_mode():
             return decode_candidates(
-                output, priors, cfg.variances, (height, width), group.scales, self.top_k, self.score_threshold
+                output, priors, cfg.variances, (height, width), group.scales, self.settings.top_k, self.settings.score_threshold
             )

@@ -12,6 +12,7 @@ import io
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import fsspec
@@ -172,14 +173,32 @@ def read_image(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, storage: StorageO
 
 @dataclass
 class FetchedImage:
-    """One image after reading and decoding: pixels (H, W, 3) uint8 BGR, or why there are none."""
+    """One image after reading and decoding: pixels (H, W, 3) uint8 BGR, or why there are none.
+
+    ``image`` is a numpy array from the CPU decoder or, once decoded on a device, a torch
+    tensor there. A JPEG left to the device (``fetch_image(..., device_jpeg=True)``) has no
+    pixels yet: ``encoded`` holds its bytes and ``header`` what :func:`device_decode.probe_jpeg`
+    read, until :func:`device_decode.decode_fetched` fills ``image`` (or the error fields).
+    """
 
     uri: str
-    image: np.ndarray | None
+    image: Any
     error_kind: str | None
     error: str | None
     read_ms: float
     decode_ms: float
+    encoded: bytes | None = None
+    header: Any = None
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(height, width) as displayed, once known; None for an error row."""
+        if self.image is not None:
+            return int(self.image.shape[0]), int(self.image.shape[1])
+        if self.header is not None:
+            h, w = self.header.height, self.header.width
+            return (w, h) if self.header.orientation >= 5 else (h, w)
+        return None
 
 
 def fetch_image(
@@ -190,16 +209,20 @@ def fetch_image(
     max_bytes: int | None = None,
     attempts: int = 1,
     backoff: float = 1.0,
+    device_jpeg: bool = False,
 ) -> FetchedImage:
     """Read and decode one object, timing both; every per-image failure is returned, never raised.
 
     A ``storage`` failure is tried again, up to ``attempts`` reads in all, after ``backoff``,
     2 x ``backoff``, ... seconds: a store's brownout of seconds must not become an error row.
     ``error_kind`` is an :class:`ImageDecodeError` kind, or ``unreadable`` for any other failure
-    of this one object (a batch job must not lose its other images to it).
+    of this one object (a batch job must not lose its other images to it). With
+    ``device_jpeg``, a JPEG the device can decode is only probed (see :class:`FetchedImage`).
     """
     start = time.perf_counter()
     read_done = None
+    encoded = header = None
+    image = None
     try:
         for attempt in range(attempts):
             try:
@@ -210,12 +233,19 @@ def fetch_image(
                     raise
                 time.sleep(backoff * 2**attempt)
         read_done = time.perf_counter()
-        image = decode_image(data, uri, max_pixels)
+        if device_jpeg:
+            from .device_decode import probe_jpeg
+
+            header = probe_jpeg(data, max_pixels)
+        if header is not None:
+            encoded = data
+        else:
+            image = decode_image(data, uri, max_pixels)
         error_kind = error = None
     except ImageDecodeError as exc:
-        image, error_kind, error = None, exc.kind, redact(str(exc))
+        error_kind, error = exc.kind, redact(str(exc))
     except Exception as exc:
-        image, error_kind, error = None, "unreadable", redact(f"{uri}: {type(exc).__name__}: {exc}")
+        error_kind, error = "unreadable", redact(f"{uri}: {type(exc).__name__}: {exc}")
     end = time.perf_counter()
     read_done = read_done or end
-    return FetchedImage(uri, image, error_kind, error, (read_done - start) * 1e3, (end - read_done) * 1e3)
+    return FetchedImage(uri, image, error_kind, error, (read_done - start) * 1e3, (end - read_done) * 1e3, encoded, header)

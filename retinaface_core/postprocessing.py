@@ -1,12 +1,15 @@
 """From raw head outputs to detections: top-k, decoding, NMS, mapping back to image pixels.
 
-Everything before NMS runs on the whole batch at once on the model's device, in float32
-whatever the network's dtype, and comes back in one transfer; only the per-image NMS
-(OpenCV's C++ implementation) runs per image, never per box in Python.
+Everything runs on the whole batch at once on the model's device, in float32 whatever the
+network's dtype, and the faces stay there (:class:`FaceBatch`) for the per-face work that
+follows (quality scores, crops) until one transfer brings a batch's results back. On a CPU the
+NMS is OpenCV's C++ implementation per image (the reference's algorithm, cheapest there); on a
+GPU a batched form that gives the same faces (:func:`batched_nms`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -43,14 +46,71 @@ class Detections:
 
 @dataclass
 class Candidates:
-    """The top-k anchors of every image of a group, decoded to original-image pixels.
+    """The top-k anchors of every image of a group, decoded to original-image pixels, on the
+    network's device.
 
-    scores: (n, k); boxes: (n, k, 4); landmarks: (n, k, 5, 2); all sorted by descending score.
+    scores: (n, k) float32; boxes: (n, k, 4); landmarks: (n, k, 5, 2); each row sorted by
+    descending score. A row's tail may lie below the score threshold (see
+    :func:`decode_candidates`).
     """
 
-    scores: np.ndarray
-    boxes: np.ndarray
-    landmarks: np.ndarray
+    scores: Tensor
+    boxes: Tensor
+    landmarks: Tensor
+
+
+@dataclass
+class FaceBatch:
+    """The faces of n images, flat, on the device they were found on.
+
+    image_index: (F,) int64, the image (0..n-1) each face belongs to, ascending; within an
+        image faces are by descending score. boxes: (F, 4) float32 x1, y1, x2, y2; scores: (F,);
+        landmarks: (F, 5, 2); all in the pixels of each face's original image.
+    count: n, the number of images (an image may have no face).
+    """
+
+    image_index: Tensor
+    boxes: Tensor
+    scores: Tensor
+    landmarks: Tensor
+    count: int
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def counts(self) -> Tensor:
+        """(n,) faces per image."""
+        return torch.bincount(self.image_index, minlength=self.count)
+
+    def detections(self) -> list[Detections]:
+        """One :class:`Detections` per image, in host memory (one transfer for the batch)."""
+        host = torch.cat([self.boxes, self.scores.unsqueeze(1), self.landmarks.reshape(-1, 10)], dim=1).cpu().numpy()
+        bounds = np.concatenate([[0], np.cumsum(self.counts().cpu().numpy())])
+        return [
+            Detections(
+                boxes=np.ascontiguousarray(host[a:b, :4]),
+                scores=np.ascontiguousarray(host[a:b, 4]),
+                landmarks=np.ascontiguousarray(host[a:b, 5:].reshape(-1, 5, 2)),
+            )
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+
+    @classmethod
+    def merge(cls, parts: Sequence[tuple[FaceBatch, Sequence[int]]], count: int, device: torch.device) -> FaceBatch:
+        """One batch of ``count`` images from parts covering some of them: each part's image i
+        is image ``positions[i]`` of the result. Faces keep their order within an image."""
+        if not parts:
+            empty = torch.zeros(0, device=device)
+            return cls(empty.long(), empty.view(0, 4), empty, empty.view(0, 5, 2), count)
+        index = torch.cat([torch.as_tensor(list(pos), device=b.image_index.device)[b.image_index] for b, pos in parts])
+        order = torch.argsort(index, stable=True)
+        return cls(
+            index[order],
+            torch.cat([b.boxes for b, _ in parts])[order],
+            torch.cat([b.scores for b, _ in parts])[order],
+            torch.cat([b.landmarks for b, _ in parts])[order],
+            count,
+        )
 
 
 def decode_candidates(
@@ -65,40 +125,36 @@ def decode_candidates(
     """Keep the ``top_k`` highest-scoring anchors above ``score_threshold`` per image; decode only those.
 
     Args:
-        output: raw outputs for n images of one padded input size.
+        output: raw outputs for m >= n images of one padded input size; rows past n are blank
+            padding of a fixed-size batch and are dropped.
         priors: (A, 4) anchors for that input size.
         input_size: (height, width) of the padded network input in pixels.
         scales: (n, 2) (sx, sy) resize factors from original image to network input.
 
     Rows hold k = min(top_k, most anchors above the threshold in any image) candidates; an
-    image with fewer has its tail below the threshold, which :func:`select` drops.
+    image with fewer has its tail below the threshold, which selection drops. Everything stays
+    on the network's device, in float32.
     """
-    logits = output.logits.float()
+    n = len(scales)
+    logits = output.logits[:n].float()
     # The face column of a 2-way softmax, as a sigmoid of the logit difference: softmax over
-    # an innermost axis of length 2 is a slow path (0.65 ms for 16,800 anchors, against 0.02).
+    # an innermost axis of length 2 is a slow path.
     probs = torch.sigmoid(logits[..., 1] - logits[..., 0])
     # Sorting only as many anchors as pass the threshold keeps top-k cheap: at a display
-    # threshold a few dozen of the 16,800 anchors of a 640x640 input pass.
-    k = min(top_k, int((probs > score_threshold).sum(dim=1).max()))
+    # threshold a few dozen anchors of an image pass.
+    k = min(top_k, int((probs > score_threshold).sum(dim=1).max())) if n else 0
     scores, index = probs.topk(k, dim=1)
-    gather4 = index.unsqueeze(-1).expand(-1, -1, 4)
-    box_offsets = output.boxes.float().gather(1, gather4)
-    landmark_offsets = output.landmarks.float().gather(1, index.unsqueeze(-1).expand(-1, -1, 10))
+    box_offsets = output.boxes[:n].float().gather(1, index.unsqueeze(-1).expand(-1, -1, 4))
+    landmark_offsets = output.landmarks[:n].float().gather(1, index.unsqueeze(-1).expand(-1, -1, 10))
     anchors = priors[index]
     height, width = input_size
     # Input pixels -> original pixels, per axis, since rounding makes sx and sy differ slightly.
-    to_pixels = torch.tensor(
-        [[width / sx, height / sy] for sx, sy in scales], dtype=torch.float32, device=probs.device
-    ).view(-1, 1, 1, 2)
+    to_pixels = torch.as_tensor(
+        np.stack([width / scales[:, 0], height / scales[:, 1]], axis=1), dtype=torch.float32
+    ).to(probs.device, non_blocking=True).view(-1, 1, 1, 2)
     boxes = decode_boxes(box_offsets, anchors, variances).view(*index.shape, 2, 2) * to_pixels
     landmarks = decode_landmarks(landmark_offsets, anchors, variances) * to_pixels
-    # One transfer back for the whole batch: on a GPU each .cpu() is a synchronisation.
-    host = torch.cat([scores.unsqueeze(-1), boxes.reshape(*index.shape, 4), landmarks.reshape(*index.shape, 10)], dim=-1).cpu().numpy()
-    return Candidates(
-        scores=host[..., 0],
-        boxes=host[..., 1:5],
-        landmarks=host[..., 5:].reshape(*index.shape, 5, 2),
-    )
+    return Candidates(scores=scores, boxes=boxes.reshape(*index.shape, 4), landmarks=landmarks)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, score_threshold: float) -> np.ndarray:
@@ -118,30 +174,81 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, score_thres
     return np.asarray(keep, dtype=np.int64).reshape(-1)
 
 
-def select(
+# Elements of one (images, k, k) overlap matrix of batched_nms; more images are done in turns.
+_NMS_ELEMENTS = 1 << 26
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float) -> Tensor:
+    """Greedy NMS of every row at once, on the boxes' device: (n, k, 4), (n, k) -> (n, k) bool keep.
+
+    Each row must be sorted by descending score. The result is exactly greedy NMS with the
+    +1 pixel convention of :func:`nms` (up to float rounding of IoUs at the threshold), found
+    as the fixed point of "a box is kept unless a kept, better box overlaps it" (Cluster-NMS,
+    Zheng et al. 2020): that rule decides box j from the boxes before it alone, so it has one
+    fixed point, greedy NMS's, and iterating from "all kept" reaches it after at most as many
+    rounds as the longest chain of suppressions, each round one batched matrix product.
+    """
+    valid = scores > score_threshold
+    n, k = valid.shape
+    if n == 0 or k == 0:
+        return valid
+    per_turn = max(1, _NMS_ELEMENTS // (k * k))
+    return torch.cat([_cluster_nms(boxes[i : i + per_turn], valid[i : i + per_turn], iou_threshold) for i in range(0, n, per_turn)])
+
+
+def _cluster_nms(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    area = (x2 - x1 + 1) * (y2 - y1 + 1)
+    w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :]) + 1).clamp_(min=0)
+    h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :]) + 1).clamp_(min=0)
+    inter = w * h
+    iou = inter / (area[:, :, None] + area[:, None, :] - inter)
+    # over[i, j]: better box i would suppress box j.
+    over = ((iou > iou_threshold).triu_(1) & valid[:, None, :]).float()
+    keep = valid
+    for _ in range(valid.shape[1]):
+        suppressed = torch.bmm(keep.float().unsqueeze(1), over).squeeze(1) > 0
+        updated = valid & ~suppressed
+        if torch.equal(updated, keep):
+            break
+        keep = updated
+    return keep
+
+
+def nms_keep(candidates: Candidates, iou_threshold: float, score_threshold: float) -> Tensor:
+    """(n, k) bool: the candidates that NMS keeps, by :func:`nms` (OpenCV) on a CPU and by
+    :func:`batched_nms` elsewhere (one kernel sequence for the whole batch, no transfer)."""
+    if candidates.scores.device.type != "cpu":
+        return batched_nms(candidates.boxes, candidates.scores, iou_threshold, score_threshold)
+    keep = torch.zeros(candidates.scores.shape, dtype=torch.bool)
+    scores, boxes = candidates.scores.numpy(), candidates.boxes.numpy()
+    for row in range(len(scores)):
+        valid = int(np.count_nonzero(scores[row] > score_threshold))
+        keep[row, nms(boxes[row, :valid], scores[row, :valid], iou_threshold, score_threshold)] = True
+    return keep
+
+
+def select_faces(
     candidates: Candidates,
-    row: int,
     score_threshold: float,
     nms_iou: float,
     keep_top_k: int,
-    clip_to: tuple[int, int] | None = None,
-) -> Detections:
-    """Final detections of image ``row`` of a group; ``clip_to`` = (height, width) clips to the image."""
-    scores = candidates.scores[row]
-    valid = int(np.count_nonzero(scores > score_threshold))
-    if valid == 0:
-        return Detections.empty()
-    boxes = candidates.boxes[row, :valid]
-    keep = nms(boxes, scores[:valid], nms_iou, score_threshold)[:keep_top_k]
-    boxes = boxes[keep]
-    landmarks = candidates.landmarks[row, keep]
+    clip_to: np.ndarray | None = None,
+) -> FaceBatch:
+    """The final faces of a group's images: NMS, then the best ``keep_top_k`` of each image.
+
+    ``clip_to``: (n, 2) (height, width) of each original image, to clip boxes and landmarks to.
+    """
+    keep = nms_keep(candidates, nms_iou, score_threshold)
+    keep &= keep.cumsum(dim=1) <= keep_top_k
+    image_index, column = keep.nonzero(as_tuple=True)
+    boxes = candidates.boxes[image_index, column]
+    landmarks = candidates.landmarks[image_index, column]
     if clip_to is not None:
-        boxes, landmarks = clip_points(boxes, landmarks, clip_to)
-    return Detections(
-        boxes=np.ascontiguousarray(boxes, dtype=np.float32),
-        scores=np.ascontiguousarray(scores[keep], dtype=np.float32),
-        landmarks=np.ascontiguousarray(landmarks, dtype=np.float32),
-    )
+        limit = torch.as_tensor(clip_to[:, ::-1].copy(), dtype=torch.float32).to(boxes.device)[image_index]
+        boxes = torch.minimum(boxes.view(-1, 2, 2).clamp(min=0), limit[:, None]).view(-1, 4)
+        landmarks = torch.minimum(landmarks.clamp(min=0), limit[:, None])
+    return FaceBatch(image_index, boxes, candidates.scores[image_index, column], landmarks, len(candidates.scores))
 
 
 def clip_points(boxes: np.ndarray, landmarks: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

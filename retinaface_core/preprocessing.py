@@ -1,5 +1,10 @@
 """Input scaling and batching: uint8 BGR images -> padded network input tensors.
 
+Images come as H x W x 3 uint8 BGR numpy arrays (resized with OpenCV on the host, stacked in
+host memory) or as torch uint8 tensors of that shape on any device (resized and stacked where
+they are, so that pixels decoded on a GPU never leave it). Both give the same canvas up to the
+rounding of the bilinear weights.
+
 Which images share a forward pass, and on what canvas, is :mod:`batching`'s choice. With the
 ``exact`` policy the tensor an image runs through depends only on that image and the scale
 mode, never on the other images of the batch: images are grouped by their padded input shape
@@ -20,9 +25,13 @@ from typing import Literal
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .batching import BatchingPolicy, PlannedBatch, plan_batches
+from .batching import BatchingPolicy, PlannedBatch, canvas_ladder, plan_batches
+
+Image = np.ndarray | Tensor
+"""An H x W x 3 uint8 BGR image: a numpy array, or a torch tensor on any device."""
 
 
 class InvalidImageError(ValueError):
@@ -54,6 +63,11 @@ class InputScale:
     def __str__(self) -> str:
         return self.mode if self.mode == "original" else f"{self.mode}:{self.size}"
 
+    @property
+    def max_side(self) -> int | None:
+        """The long side of every network input at this scale, where it is fixed."""
+        return self.size if self.mode in ("long", "square") else None
+
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of the image content inside the network input."""
         if self.mode == "original":
@@ -70,10 +84,14 @@ class InputScale:
         return math.ceil(height / pad_multiple) * pad_multiple, math.ceil(width / pad_multiple) * pad_multiple
 
 
-def validate_image(image: object, index: int = 0) -> np.ndarray:
-    """Check that ``image`` is an H x W x 3 uint8 array; returns it unchanged."""
+def validate_image(image: object, index: int = 0) -> Image:
+    """Check that ``image`` is an H x W x 3 uint8 array or tensor; returns it unchanged."""
+    if isinstance(image, Tensor):
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+            raise InvalidImageError(f"image {index}: expected an (H, W, 3) uint8 BGR tensor, got {tuple(image.shape)} {image.dtype}")
+        return image
     if not isinstance(image, np.ndarray):
-        raise InvalidImageError(f"image {index}: expected a numpy array, got {type(image).__name__}")
+        raise InvalidImageError(f"image {index}: expected a numpy array or a torch tensor, got {type(image).__name__}")
     if image.dtype != np.uint8:
         raise InvalidImageError(f"image {index}: expected dtype uint8 (BGR 0..255), got {image.dtype}")
     if image.ndim != 3 or image.shape[2] != 3:
@@ -89,10 +107,11 @@ def validate_image(image: object, index: int = 0) -> np.ndarray:
 class InputGroup:
     """Images of a batch that share one forward pass and its padded input shape.
 
-    host: (n, H, W, 3) uint8 BGR tensor, padded with the mean colour (zero after
-        normalisation) at the bottom/right; in pinned memory when asked, for asynchronous
-        copies to a GPU. pixels: the same memory as a numpy array.
-    indices: position of each image in the caller's batch.
+    host: (m, H, W, 3) uint8 BGR tensor, padded with the mean colour (zero after
+        normalisation) at the bottom/right; m >= n when the batch is padded to a fixed size
+        with blank rows. In host memory for numpy images (pinned when asked, for asynchronous
+        copies to a GPU), on the images' device for tensors. pixels: the same as a numpy array.
+    indices: position of each of the n images in the caller's batch (rows 0..n-1).
     scales: (n, 2) float64 (sx, sy) = resized size / original size, to map results back.
     original_sizes: (n, 2) int (height, width) of each original image.
     content_pixels: pixels of the resized images, without padding (for :class:`BatchStats`).
@@ -106,50 +125,84 @@ class InputGroup:
 
     @property
     def pixels(self) -> np.ndarray:
-        return self.host.numpy()
+        return self.host.cpu().numpy()
 
 
 def group_batch(
-    images: Sequence[np.ndarray],
+    images: Sequence[Image],
     scale: InputScale,
     pad_multiple: int,
     mean_bgr: Sequence[float],
     batching: BatchingPolicy = "exact",
     batch_size: int | None = None,
     pin_memory: bool = False,
+    fixed_batch: bool = False,
 ) -> list[InputGroup]:
     """Resize each image per ``scale`` and stack them into the forward passes that
-    :func:`batching.plan_batches` plans (``batch_size`` None: no limit per pass)."""
+    :func:`batching.plan_batches` plans (``batch_size`` None: no limit per pass).
+
+    With ``bucket`` batching canvases come from :func:`batching.canvas_ladder` of the scale;
+    ``fixed_batch`` pads every pass to ``batch_size`` rows, so that a device meets one tensor
+    shape per canvas (the blank rows are computed and ignored).
+    """
     for i, image in enumerate(images):
         validate_image(image, i)
-    shapes = [scale.input_shape(*image.shape[:2], pad_multiple) for image in images]
-    plans = plan_batches(shapes, batch_size or max(1, len(images)), batching)
+    shapes = [scale.input_shape(int(image.shape[0]), int(image.shape[1]), pad_multiple) for image in images]
+    ladder = canvas_ladder(scale.max_side) if batching == "bucket" else None
+    plans = plan_batches(shapes, batch_size or max(1, len(images)), batching, ladder)
     fill = tuple(int(v) for v in np.clip(np.rint(mean_bgr), 0, 255))
-    return [_stack(images, plan, scale, fill, pin_memory) for plan in plans]
+    rows = batch_size if fixed_batch and batch_size else 0
+    return [_stack(images, plan, scale, fill, pin_memory, rows) for plan in plans]
 
 
 def _stack(
-    images: Sequence[np.ndarray], plan: PlannedBatch, scale: InputScale, fill: tuple[int, ...], pin_memory: bool
+    images: Sequence[Image], plan: PlannedBatch, scale: InputScale, fill: tuple[int, ...], pin_memory: bool, rows: int
 ) -> InputGroup:
     height, width = plan.canvas
-    host = torch.empty((len(plan.indices), height, width, 3), dtype=torch.uint8, pin_memory=pin_memory)
-    pixels = host.numpy()
-    scales = np.empty((len(plan.indices), 2), dtype=np.float64)
-    sizes = np.empty((len(plan.indices), 2), dtype=np.int64)
+    count = len(plan.indices)
+    first = images[plan.indices[0]]
+    on_device = isinstance(first, Tensor)
+    shape = (max(rows, count), height, width, 3)
+    if on_device:
+        host = torch.empty(shape, dtype=torch.uint8, device=first.device)
+        host[...] = torch.tensor(fill, dtype=torch.uint8, device=first.device)
+    else:
+        host = torch.empty(shape, dtype=torch.uint8, pin_memory=pin_memory)
+        host.numpy()[count:] = fill
+    scales = np.empty((count, 2), dtype=np.float64)
+    sizes = np.empty((count, 2), dtype=np.int64)
     content = 0
     for slot, i in enumerate(plan.indices):
-        image = images[i]
-        h, w = image.shape[:2]
+        h, w = int(images[i].shape[0]), int(images[i].shape[1])
         rh, rw = scale.resized_shape(h, w)
-        if (rh, rw) != (h, w):
-            image = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_LINEAR)
-        # One pass that copies and pads, straight into the batch (half the cost of numpy's
-        # slice assignment with a broadcast fill colour).
-        cv2.copyMakeBorder(image, 0, height - rh, 0, width - rw, cv2.BORDER_CONSTANT, dst=pixels[slot], value=fill)
+        if on_device:
+            host[slot, :rh, :rw] = resize_tensor(images[i], rh, rw)
+        else:
+            _resize_into(images[i], host.numpy()[slot], rh, rw, fill)
         scales[slot] = (rw / w, rh / h)
         sizes[slot] = (h, w)
         content += rh * rw
     return InputGroup(host, plan.indices, scales, sizes, content)
+
+
+def _resize_into(image: np.ndarray, out: np.ndarray, rh: int, rw: int, fill: tuple[int, ...]) -> None:
+    """Resize an H x W x 3 array to rh x rw into the top left of ``out``, the rest filled."""
+    if (rh, rw) != image.shape[:2]:
+        image = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_LINEAR)
+    # One pass that copies and pads, straight into the batch (cheaper than numpy's slice
+    # assignment with a broadcast fill colour).
+    height, width = out.shape[:2]
+    cv2.copyMakeBorder(image, 0, height - rh, 0, width - rw, cv2.BORDER_CONSTANT, dst=out, value=fill)
+
+
+def resize_tensor(image: Tensor, height: int, width: int) -> Tensor:
+    """(H, W, C) uint8 tensor -> (height, width, C) uint8 on its device, bilinear like
+    ``cv2.INTER_LINEAR`` (pixel centres aligned, no antialiasing), rounded to the nearest level."""
+    if tuple(image.shape[:2]) == (height, width):
+        return image
+    x = image.permute(2, 0, 1).unsqueeze(0).float()
+    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    return x.squeeze(0).permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def to_network_input(
@@ -171,8 +224,8 @@ def to_network_input(
         x, mean = x.flip(-1), mean[::-1]
     n, height, width, channels = x.shape
     x = x.float()
-    # Broadcasting a 3-vector along the innermost axis defeats vectorisation (0.7 ms at 640x640);
-    # subtracting one image row of tiled means runs at memory speed (0.07 ms).
+    # Broadcasting a 3-vector along the innermost axis defeats vectorisation; subtracting one
+    # image row of tiled means runs at memory speed.
     x.view(n * height, width * channels).sub_(_mean_row(mean, width, x.device))
     return x.to(dtype).permute(0, 3, 1, 2)
 

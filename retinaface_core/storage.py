@@ -16,8 +16,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import functools
+
 import fsspec
-import s3fs
 from fsspec.implementations.local import LocalFileSystem
 
 S3_PROTOCOLS = ("s3", "s3a")
@@ -51,21 +52,27 @@ class StorageOptions:
         return options
 
 
-class KeysAsWrittenS3FileSystem(s3fs.S3FileSystem):
-    """s3fs reading every key as written: ``photo?versionId=3.jpg`` is a key, not a version.
+@functools.cache
+def keys_as_written_s3() -> type[fsspec.AbstractFileSystem]:
+    """s3fs's filesystem reading every key as written: ``photo?versionId=3.jpg`` is a key, not a version.
 
     s3fs takes ``?versionId=`` in a path for an object version (and turns version-aware mode on
     for such a URL), so objects whose names hold it could not be read; the jobs never address
-    object versions.
+    object versions. Built on first use, so that s3fs is needed only where an ``s3://`` URI is
+    opened (a GPU host reading local folders has no s3fs).
     """
+    import s3fs
 
-    def split_path(self, path: str) -> tuple[str, str, None]:
-        trail = path[len(path.rstrip("/")) :]
-        path = self._strip_protocol(path).lstrip("/")
-        if "/" not in path:
-            return path, "", None
-        bucket, key = self._find_bucket_key(path)
-        return bucket, key + trail, None
+    class KeysAsWrittenS3FileSystem(s3fs.S3FileSystem):
+        def split_path(self, path: str) -> tuple[str, str, None]:
+            trail = path[len(path.rstrip("/")) :]
+            path = self._strip_protocol(path).lstrip("/")
+            if "/" not in path:
+                return path, "", None
+            bucket, key = self._find_bucket_key(path)
+            return bucket, key + trail, None
+
+    return KeysAsWrittenS3FileSystem
 
 
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -73,7 +80,7 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.
     protocol = fsspec.utils.get_protocol(uri)
     kwargs = (options or StorageOptions()).for_protocol(protocol)
     if protocol in S3_PROTOCOLS:
-        fs: fsspec.AbstractFileSystem = KeysAsWrittenS3FileSystem(**kwargs)
+        fs: fsspec.AbstractFileSystem = keys_as_written_s3()(**kwargs)
         path = fs._strip_protocol(uri)
     else:
         fs, path = fsspec.core.url_to_fs(uri, **kwargs)

@@ -22,7 +22,7 @@ Without ``pyramid`` the detector's own ``scale`` is the only scale; ``merge`` de
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -32,10 +32,14 @@ import torch
 from .augment import mirror_points
 from .loss import box_iou
 from .postprocessing import Detections, clip_points, nms
-from .preprocessing import InputScale, group_batch, validate_image
+from .preprocessing import Image, InputScale, validate_image
 
 if TYPE_CHECKING:
-    from .detector import Detector
+    from .detector import DetectorSettings
+
+ViewCandidates = Callable[[Sequence[Image], InputScale], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
+"""Runs views at a scale; per view, its candidates above the score threshold before NMS, in the
+view's pixels: (M, 4) boxes, (M,) scores, (M, 5, 2) landmarks."""
 
 Merge = Literal["vote", "nms"]
 MERGES: tuple[Merge, ...] = ("vote", "nms")
@@ -110,26 +114,28 @@ class TTA:
         return "+".join(parts) or "none"
 
 
-def detect_with_tta(detector: Detector, images: Sequence[np.ndarray], tta: TTA) -> list[Detections]:
-    """:meth:`Detector.detect` with test-time augmentation; one :class:`Detections` per image, in
+def detect_with_tta(
+    images: Sequence[Image], tta: TTA, view_candidates: ViewCandidates, settings: DetectorSettings
+) -> list[Detections]:
+    """Detection with test-time augmentation; one :class:`Detections` per image, in
     original-image pixels, one detection per face.
 
-    Uses the detector's network, score threshold, top-k (per view), NMS IoU (also the voting
-    threshold), keep-top-k (after merging), padding and clipping. Voting votes the landmarks
-    too: against an independent view's landmarks they err less than the top member's
-    (``benchmarks/bench_tta.py``).
+    ``view_candidates`` runs the views (the detector's network, batches and score threshold);
+    ``settings`` gives the NMS IoU (also the voting threshold), keep-top-k (after merging), the
+    base scale and clipping. Voting votes the landmarks too: against an independent view's
+    landmarks they err less than the top member's (``benchmarks/bench_tta.py``).
     """
     results = []
-    for image, (boxes, scores, landmarks) in zip(images, view_candidates(detector, images, tta)):
+    for image, (boxes, scores, landmarks) in zip(images, _all_views(images, tta, view_candidates, settings)):
         if tta.merge == "vote":
-            boxes, scores, landmarks = box_vote(boxes, scores, landmarks, detector.nms_iou)
+            boxes, scores, landmarks = box_vote(boxes, scores, landmarks, settings.nms_iou)
         else:
-            keep = nms(boxes, scores, detector.nms_iou, detector.score_threshold)
+            keep = nms(boxes, scores, settings.nms_iou, settings.score_threshold)
             boxes, scores, landmarks = boxes[keep], scores[keep], landmarks[keep]
-        keep_top_k = detector.keep_top_k
+        keep_top_k = settings.keep_top_k
         boxes, scores, landmarks = boxes[:keep_top_k], scores[:keep_top_k], landmarks[:keep_top_k]
-        if detector.clip:
-            boxes, landmarks = clip_points(boxes, landmarks, image.shape[:2])
+        if settings.clip:
+            boxes, landmarks = clip_points(boxes, landmarks, (int(image.shape[0]), int(image.shape[1])))
         results.append(
             Detections(
                 boxes=np.ascontiguousarray(boxes, dtype=np.float32),
@@ -140,30 +146,32 @@ def detect_with_tta(detector: Detector, images: Sequence[np.ndarray], tta: TTA) 
     return results
 
 
-def view_candidates(
-    detector: Detector, images: Sequence[np.ndarray], tta: TTA
+def mirrored(image: Image) -> Image:
+    """The image mirrored left-right, as a contiguous array or tensor on its device."""
+    if isinstance(image, torch.Tensor):
+        return image.flip(1)
+    return np.ascontiguousarray(image[:, ::-1])
+
+
+def _all_views(
+    images: Sequence[Image], tta: TTA, view_candidates: ViewCandidates, settings: DetectorSettings
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per image, the candidates of all its views above the detector's score threshold, before any
-    NMS, in original-image pixels: (M, 4) x1, y1, x2, y2 boxes, (M,) scores, (M, 5, 2) landmarks
-    (left/right as seen in the original image), views one after the other."""
+    """Per image, the candidates of all its views, before any NMS, in original-image pixels:
+    (M, 4) x1, y1, x2, y2 boxes, (M,) scores, (M, 5, 2) landmarks (left/right as seen in the
+    original image), views one after the other."""
     for i, image in enumerate(images):
         validate_image(image, i)
     count = len(images)
     # Mirrored copies go after the originals, index i + count for image i: same input shape, so
-    # group_batch stacks each with its original into one forward pass.
-    views = list(images) + ([np.ascontiguousarray(image[:, ::-1]) for image in images] if tta.flip else [])
+    # they share batches with their originals.
+    views = list(images) + ([mirrored(image) for image in images] if tta.flip else [])
     found: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in images]
-    for scale in tta.scales or (detector.scale,):
-        for group in group_batch(views, scale, detector.pad_multiple, detector.config.mean_bgr):
-            candidates = detector.candidates(group)
-            for row, index in enumerate(group.indices):
-                scores = candidates.scores[row]
-                valid = int(np.count_nonzero(scores > detector.score_threshold))
-                boxes, landmarks = candidates.boxes[row, :valid], candidates.landmarks[row, :valid]
-                image = index % count
-                if index >= count:
-                    boxes, landmarks = mirror_points(boxes, landmarks, images[image].shape[1])
-                found[image].append((boxes, scores[:valid], landmarks))
+    for scale in tta.scales or (InputScale.parse(settings.scale),):
+        for index, (boxes, scores, landmarks) in enumerate(view_candidates(views, scale)):
+            image = index % count
+            if index >= count:
+                boxes, landmarks = mirror_points(boxes, landmarks, int(images[image].shape[1]))
+            found[image].append((boxes, scores, landmarks))
     return [tuple(np.concatenate(arrays) for arrays in zip(*parts)) for parts in found]  # type: ignore[misc]
 
 
