@@ -1,20 +1,25 @@
-"""What one detector device does with the batching policies and precisions: fill, padding, img/s.
+"""What one detector device does: canvases, parity with the CPU, detect() speed, and the job end to end.
 
-Three parts, on a realistic mix of photo sizes (``../shared/widerface/val_image_sizes.csv``, all
+Four parts, on a realistic mix of photo sizes (``../shared/widerface/val_image_sizes.csv``, all
 3,226 WIDER val images; a small built-in mix where it is absent):
 
-1. **Plan**: batch fill (images per forward pass / batch size) and padding (share of computed
-   pixels) of each batching candidate on the whole size mix, shuffled, at batch 8 and 32.
-2. **Detect**: images/s of ``Detector.detect`` at batch 1, 8, 32, 64 in fp32 and bf16 (and fp16
-   on CUDA) on ``--images`` photos of sizes sampled from the mix, bucketed, in calls of the
-   job's window; after one untimed pass (kernels are made per input shape), the fastest of
-   ``--repeats`` passes; and the decode cost (JPEG bytes -> BGR pixels, ms/image) of the photos.
-3. **Job** (unless ``--no-job``): ``jobs.annotate`` end to end with ``--decode tasks``, one actor
-   (one GPU with ``--device cuda``) and ``--decode-cpus-per-device`` CPUs of decode tasks, on a
-   local moto S3.
+1. **Plan**: batch fill, padding and distinct canvases of each batching candidate on the whole
+   size mix, shuffled, at batch 8, 32 and 64.
+2. **Parity** (not on a CPU): the shared photos decoded on the device against Pillow, and the
+   faces a device detector finds against the CPU's (fp32).
+3. **Detect**: ``Detector.detect`` on ``--images`` photos of sizes drawn from the mix (a stream
+   of sizes the detector has not seen: each call its own photos), bucketed, in calls of the
+   job's window, after :meth:`Detector.warm_up` (its seconds are printed): images/s for each
+   precision and batch size asked for, and with ``--tta`` the same for that setting.
+4. **Job** (unless ``--no-job``): ``python -m jobs.annotate`` on ``--job-images`` JPEG files in a
+   local folder, with the job's defaults for one device (``--num-gpus-per-actor`` on a GPU):
+   images/s over the whole run and in the steady state after the first shard commits (from the
+   committed files' times), start-up seconds (start to first commit), the GPU's busy fraction
+   in the steady state (``nvidia-smi``), and host milliseconds per image by stage (the rows'
+   ``read_ms``, ``decode_ms``, ``detect_ms``, ``quality_ms``).
 
-    python -m benchmarks.bench_device --device cuda --images 512
-    python -m benchmarks.bench_device --device cpu --images 24 --scale long:320   # CPU: small, so it cannot rot
+    python -m benchmarks.bench_device --device cuda --images 2048 --job-images 30000 --precisions fp16
+    python -m benchmarks.bench_device --device cpu --images 24 --scale long:320 --job-images 48   # CPU: small, so it cannot rot
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +41,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from retinaface_core.batching import PLAN_WINDOW_BATCHES, BatchStats, canvas_ladder, plan_batches  # noqa: E402
+from retinaface_core.batching import PLAN_WINDOW_BATCHES, BatchStats, canvas_ladder, detect_window, plan_batches  # noqa: E402
 from retinaface_core.preprocessing import InputScale  # noqa: E402
 
 # Used where val_image_sizes.csv is absent: common photo shapes, (height, width).
@@ -52,7 +58,13 @@ def read_size_mix(shared: Path | None) -> tuple[list[tuple[int, int]], str]:
 
 
 def simulate_plan(
-    sizes: list[tuple[int, int]], scale: str, batch_size: int, window: int, policy: str, pad_multiple: int = 1
+    sizes: list[tuple[int, int]],
+    scale: str,
+    batch_size: int,
+    window: int,
+    policy: str,
+    pad_multiple: int = 1,
+    canvases: set[tuple[int, int]] | None = None,
 ) -> BatchStats:
     """Fill and padding when consecutive windows of ``window`` images of ``sizes`` (original
     (height, width)) are each planned like one detect call of a job's actor (bucket canvases
@@ -66,6 +78,8 @@ def simulate_plan(
         content = [parsed.resized_shape(h, w) for h, w in chunk]
         for batch in plan_batches(shapes, batch_size, policy, ladder):  # type: ignore[arg-type]
             stats.add(len(batch.indices), batch.canvas, sum(content[i][0] * content[i][1] for i in batch.indices), batch_size)
+            if canvases is not None:
+                canvases.add(batch.canvas)
     return stats
 
 
@@ -73,125 +87,238 @@ PLAN_CANDIDATES = [
     # (name, policy, window in batches, pad_multiple)
     ("exact (one pass per shape)", "exact", 1, 1),
     ("exact, pad_multiple 32", "exact", 1, 32),
-    ("bucket, window 1 batch (pad to batch max, arrival order)", "bucket", 1, 1),
+    ("bucket, window 1 batch (arrival order)", "bucket", 1, 1),
     ("bucket, window 2 batches", "bucket", 2, 1),
     (f"bucket, window {PLAN_WINDOW_BATCHES} batches (the job's default)", "bucket", PLAN_WINDOW_BATCHES, 1),
     ("bucket, window 8 batches", "bucket", 8, 1),
-    (f"bucket, window {PLAN_WINDOW_BATCHES} batches, pad_multiple 32", "bucket", PLAN_WINDOW_BATCHES, 32),
 ]
 
 
 def plan_table(sizes: list[tuple[int, int]], scale: str, seed: int) -> None:
     shuffled = random.Random(seed).sample(sizes, len(sizes))
-    print(f"\n## Plan: {len(sizes)} images, scale {scale}, shuffled (seed {seed})\n")
-    print("| candidate | batch | fill | padding | images per pass |\n| --- | --- | --- | --- | --- |")
-    for batch_size in (8, 32):
+    print(f"\n## Plan: {len(sizes)} images, scale {scale}, shuffled (seed {seed}); bucket canvases from the scale's ladder\n")
+    print("| candidate | batch | fill | padding | images per pass | canvases |\n| --- | --- | --- | --- | --- | --- |")
+    for batch_size in (8, 32, 64):
         for name, policy, batches, multiple in PLAN_CANDIDATES:
-            stats = simulate_plan(shuffled, scale, batch_size, batches * batch_size, policy, multiple)
-            print(f"| {name} | {batch_size} | {stats.batch_fill:.3f} | {stats.padding_fraction:.1%} | {stats.images / stats.passes:.2f} |")
+            canvases: set[tuple[int, int]] = set()
+            stats = simulate_plan(shuffled, scale, batch_size, batches * batch_size, policy, multiple, canvases)
+            print(
+                f"| {name} | {batch_size} | {stats.batch_fill:.3f} | {stats.padding_fraction:.1%} "
+                f"| {stats.images / stats.passes:.2f} | {len(canvases)} |"
+            )
 
 
 def sample_photos(sizes: list[tuple[int, int]], count: int, shared: Path | None, seed: int) -> list[np.ndarray]:
-    """``count`` BGR photos resized to sizes drawn from the mix (a real crowd photo where available)."""
+    """``count`` BGR photos of sizes drawn from the mix: crops of the shared real photos (the crowd
+    photos and the WIDER val images; scikit-image's astronaut where absent) resized to each size."""
     import cv2
     from skimage import data
 
-    base = cv2.imread(str(shared / "images/crowd_selfie.jpg")) if shared else None
-    if base is None:
-        base = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+    bases = [cv2.imread(str(p)) for p in real_photo_paths(shared)] or [cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)]
     rng = random.Random(seed)
-    return [cv2.resize(base, (w, h), interpolation=cv2.INTER_AREA) for h, w in (rng.choice(sizes) for _ in range(count))]
+    photos = []
+    for _ in range(count):
+        h, w = rng.choice(sizes)
+        base = rng.choice(bases)
+        bh, bw = base.shape[:2]
+        # The largest crop of the base with the target's aspect ratio, at a random place.
+        ch, cw = (bh, min(bw, round(bh * w / h))) if bw * h >= bh * w else (min(bh, round(bw * h / w)), bw)
+        y, x = rng.randint(0, bh - ch), rng.randint(0, bw - cw)
+        photos.append(cv2.resize(base[y : y + ch, x : x + cw], (w, h), interpolation=cv2.INTER_AREA))
+    return photos
+
+
+def real_photo_paths(shared: Path | None) -> list[Path]:
+    if shared is None:
+        return []
+    return sorted((shared / "images").glob("*.jpg")) + sorted((shared / "widerface/val/images").glob("*/*.jpg"))
 
 
 def decode_ms(photos: list[np.ndarray]) -> float:
-    """Mean ms to decode one of ``photos`` from a quality-90 JPEG, as the job's readers do."""
-    from jobs._samples import encode
+    """Mean ms to decode one of ``photos`` from a quality-90 JPEG on the CPU, as the CPU readers do."""
     from retinaface_core.image_io import decode_image
 
-    blobs = [encode(np.ascontiguousarray(p[:, :, ::-1]), "JPEG", quality=90) for p in photos]
+    blobs = [jpeg(p) for p in photos]
     start = time.perf_counter()
     for i, blob in enumerate(blobs):
         decode_image(blob, f"photo{i}")
     return (time.perf_counter() - start) * 1e3 / len(blobs)
 
 
-def detect_table(photos: list[np.ndarray], device: str, scale: str, repeats: int) -> None:
+def jpeg(bgr: np.ndarray) -> bytes:
+    import cv2
+
+    return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def parity(shared: Path | None, device: str) -> None:
+    """Device decoding against Pillow, and the device's faces against the CPU's, on the shared photos."""
+    import torch
+
+    from retinaface_core import Detector
+    from retinaface_core.device_decode import decode_jpegs, device_decoder_available, probe_jpeg
+    from retinaface_core.image_io import decode_image
+
+    paths = real_photo_paths(shared)
+    if not paths:
+        print("\n## Parity: skipped (no shared photos)")
+        return
+    datas = [p.read_bytes() for p in paths]
+    cpu_images = [decode_image(d, str(p)) for d, p in zip(datas, paths)]
+    print(f"\n## Parity on {len(paths)} shared photos, {device}\n")
+    if device_decoder_available():
+        headers = [probe_jpeg(d) for d in datas]
+        decoded = decode_jpegs(datas, headers, [str(p) for p in paths], torch.device(device))  # type: ignore[arg-type]
+        diffs = [float(np.abs(d.cpu().numpy().astype(np.int16) - c).mean()) for d, c in zip(decoded, cpu_images)]
+        print(f"device JPEG decode vs Pillow: mean abs difference {np.mean(diffs):.2f} grey levels (max over photos {max(diffs):.2f})")
+    else:
+        print("device JPEG decode: not available (torchvision's nvJPEG)")
+    for precision in ("fp32", "fp16"):
+        cpu = Detector(scale="long:640", batching="bucket").detect(cpu_images, batch_size=8)
+        dev = Detector(scale="long:640", batching="bucket", device=device, precision=precision)
+        found = dev.detect([torch.from_numpy(c).to(device) for c in cpu_images], batch_size=8)
+        matched, total, worst = 0, 0, 0.0
+        for a, b in zip(cpu, found):
+            total += len(a)
+            if len(a) and len(b):
+                gap = np.abs(a.boxes[:, None, :] - b.boxes[None, :, :]).max(axis=2).min(axis=1)
+                matched += int((gap < 2).sum())
+                worst = max(worst, float(np.percentile(gap, 99)))
+        print(f"{precision}: {sum(map(len, found))} faces on the device vs {total} on the CPU; {matched / max(total, 1):.1%} "
+              f"of the CPU's within 2 px (99th percentile gap {worst:.2f} px)")
+
+
+def detect_table(photos: list[np.ndarray], device: str, scale: str, precisions: list[str], batches: list[int], tta: str | None) -> None:
     import torch
 
     from retinaface_core import Detector
 
-    precisions = ["fp32", "fp16", "bf16"] if device.startswith("cuda") else ["fp32", "bf16"]
-    print(f"\n## Detect: {len(photos)} photos, scale {scale}, bucket batching, device {device}, torch threads {torch.get_num_threads()}\n")
-    print("| precision | batch | images/s | fill | padding |\n| --- | --- | --- | --- | --- |")
-    for precision in precisions:
-        detector = Detector(scale=scale, device=device, precision=precision, batching="bucket")
-        for batch_size in (1, 8, 32, 64):
-            # One call per window of the job's size, as the actor makes them.
-            window = batch_size * PLAN_WINDOW_BATCHES
-            calls = [photos[first : first + window] for first in range(0, len(photos), window)]
-            # Untimed first pass: kernels and oneDNN primitives are made per input shape, once.
-            for call in calls:
-                detector.detect(call, batch_size=batch_size)
-            before = copy.copy(detector.stats)
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                for call in calls:
-                    detector.detect(call, batch_size=batch_size)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - start)
-            stats = detector.stats - before
-            print(f"| {precision} | {batch_size} | {len(photos) / best:.1f} | {stats.batch_fill:.3f} | {stats.padding_fraction:.1%} |", flush=True)
+    on_gpu = device.startswith("cuda")
+    print(f"\n## Detect: {len(photos)} photos of never-seen sizes, scale {scale}, bucket batching, device {device}\n")
+    print("| precision | batch | tta | warm-up s | images/s | fill | padding |\n| --- | --- | --- | --- | --- | --- | --- |")
+    settings = [(p, b, "none") for p in precisions for b in batches] + ([(precisions[0], batches[-1], tta)] if tta else [])
+    for precision, batch_size, setting in settings:
+        detector = Detector(scale=scale, device=device, precision=precision, batching="bucket", tta=setting)
+        warm = detector.warm_up(batch_size)
+        # Photos go to the device first when it is a GPU, as the job's device decoder leaves them.
+        inputs = [torch.from_numpy(p).to(device) for p in photos] if on_gpu else photos
+        window = detect_window(batch_size, "bucket")
+        before = copy.copy(detector.stats)
+        start = time.perf_counter()
+        for first in range(0, len(inputs), window):
+            detector.detect(inputs[first : first + window], batch_size=batch_size)
+        if on_gpu:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        stats = detector.stats - before
+        print(
+            f"| {precision} | {batch_size} | {setting} | {warm:.1f} | {len(photos) / seconds:.1f} "
+            f"| {stats.batch_fill:.3f} | {stats.padding_fraction:.1%} |",
+            flush=True,
+        )
 
 
-def job_run(photos: list[np.ndarray], device: str, scale: str, batch_size: int, decode_cpus: int) -> None:
-    import ray
+def write_photos(photos: list[np.ndarray], folder: Path, count: int) -> None:
+    """``count`` JPEG files in ``folder``: the photos encoded once, then hard links to them."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    from benchmarks.bench_annotate import run_job, upload
-    from jobs._local_s3 import LocalS3, s3_environment
-    from jobs._samples import encode
+    folder.mkdir(parents=True)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for i, data in enumerate(pool.map(jpeg, photos)):
+            (folder / f"{i:07d}.jpg").write_bytes(data)
+    for i in range(len(photos), count):
+        os.link(folder / f"{i % len(photos):07d}.jpg", folder / f"{i:07d}.jpg")
 
-    moto = LocalS3(process=True)
-    os.environ.update(s3_environment(moto.start()))
+
+class GpuSampler:
+    """``nvidia-smi``'s utilisation of GPU 0 every 0.2 s, with the time of each sample."""
+
+    def __init__(self) -> None:
+        import subprocess
+
+        self.samples: list[tuple[float, float]] = []
+        self._process = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            try:
+                self.samples.append((time.time(), float(line.strip())))
+            except ValueError:
+                pass
+
+    def stop(self) -> None:
+        self._process.terminate()
+
+    def mean(self, start: float, end: float) -> float:
+        values = [u for t, u in self.samples if start <= t <= end]
+        return sum(values) / len(values) / 100 if values else float("nan")
+
+
+def job_run(photos: list[np.ndarray], device: str, scale: str, precision: str, count: int, job_args: list[str]) -> None:
+    import subprocess
+
+    import pyarrow.parquet as pq
+
+    on_gpu = device.startswith("cuda")
     work = Path(tempfile.mkdtemp(prefix="bench_device_"))
     try:
-        import fsspec
-
-        fsspec.filesystem("s3").mkdir("bench")
-        upload("bench/device", [encode(np.ascontiguousarray(p[:, :, ::-1]), "JPEG", quality=90) for p in photos])
-        gpus = 1 if device.startswith("cuda") else 0
-        # Logical CPUs: one for the actor (its torch thread and post-processing), the rest decode.
-        ray.init(address="local", num_cpus=1 + decode_cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        start = time.perf_counter()
-        summary = run_job(
-            "bench/device", work / "job", scale=scale, batch_size=batch_size, images_per_shard=batch_size * PLAN_WINDOW_BATCHES,
-            decode="tasks", decode_cpus=0.5, actors=1, num_gpus_per_actor=gpus, num_cpus_per_actor=1,
-        )
-        seconds = time.perf_counter() - start
-        ray.shutdown()
-        print(f"\n## Job: {summary['images']} images, --decode tasks, {decode_cpus} decode CPUs, 1 actor on {device}, batch {batch_size}\n")
-        print(f"{summary['images'] / seconds:.2f} images/s ({seconds:.1f} s with model loading), batch fill {summary['batch_fill']:.3f}, padding {summary['padding_fraction']:.1%}")
+        write_photos(photos, work / "photos", count)
+        output = work / "faces"
+        command = [
+            sys.executable, "-m", "jobs.annotate", "--input", str(work / "photos"), "--output", str(output),
+            "--scale", scale, "--precision", precision, *(["--num-gpus-per-actor", "1"] if on_gpu else []), *job_args,
+        ]
+        print(f"\n## Job: {count} JPEG files in a local folder, {device}, {precision}: {' '.join(command[1:])}\n", flush=True)
+        sampler = GpuSampler() if on_gpu else None
+        start = time.time()
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+        end = time.time()
+        if sampler:
+            sampler.stop()
+        if done.returncode:
+            print(f"job failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            return
+        files = sorted((output / "annotations").rglob("*.parquet"), key=lambda p: p.stat().st_mtime)
+        commits = [p.stat().st_mtime for p in files]
+        rows = [pq.read_metadata(p).num_rows for p in files]
+        table = pq.read_table(output / "annotations", columns=["read_ms", "decode_ms", "detect_ms", "quality_ms", "status"])
+        steady = (sum(rows) - rows[0]) / (commits[-1] - commits[0]) if len(files) > 1 else float("nan")
+        print(f"images/s over the run (Ray start, model loading and warm-up included): {sum(rows) / (end - start):.1f}")
+        print(f"images/s in the steady state (after the first of {len(files)} shards commits): {steady:.1f}")
+        print(f"start-up: {commits[0] - start:.1f} s to the first commit")
+        if sampler:
+            print(f"GPU busy (nvidia-smi utilisation) in the steady state: {sampler.mean(commits[0], commits[-1]):.0%}")
+        stages = ", ".join(f"{c.removesuffix('_ms')} {np.mean(table.column(c).to_numpy(zero_copy_only=False)):.2f}" for c in table.column_names if c.endswith("_ms"))
+        print(f"host ms per image by stage (per actor thread): {stages}; error rows: {table.column('status').to_pylist().count('error')}")
+        print(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")
     finally:
-        moto.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cuda, cuda:N or cpu")
-    parser.add_argument("--images", type=int, default=None, help="photos for the detect and job parts (default: 512 on cuda, 24 on cpu)")
+    parser.add_argument("--images", type=int, default=None, help="photos for the detect part (default: 2048 on cuda, 24 on cpu)")
     parser.add_argument("--scale", default=None, help="default: long:640 on cuda, long:320 on cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes over the photos per detect measurement; the fastest counts (a shared machine's load comes and goes)")
-    parser.add_argument("--job-batch", type=int, default=32, help="--batch-size of the job part")
-    parser.add_argument("--decode-cpus-per-device", type=int, default=4, help="CPUs of decode tasks in the job part")
+    parser.add_argument("--precisions", nargs="+", default=None, help="default: fp16 fp32 on cuda, fp32 bf16 on cpu")
+    parser.add_argument("--batches", nargs="+", type=int, default=[32, 64], help="batch sizes of the detect part")
+    parser.add_argument("--tta", default=None, help="also time this TTA setting (first precision, largest batch)")
+    parser.add_argument("--job-images", type=int, default=None, help="files of the job part (default: 30000 on cuda, 48 on cpu)")
+    parser.add_argument("--job-arg", action="append", default=[], help="extra flag for the job (repeat), e.g. --job-arg=--batch-size=64")
     parser.add_argument("--no-job", action="store_true", help="skip the end-to-end job")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shared", type=Path, default=Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared")))
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
-    count = args.images or (512 if cuda else 24)
+    count = args.images or (2048 if cuda else 24)
     scale = args.scale or ("long:640" if cuda else "long:320")
+    precisions = args.precisions or (["fp16", "fp32"] if cuda else ["fp32", "bf16"])
     shared = args.shared if args.shared.is_dir() else None
     if shared is not None:
         os.environ.setdefault("RETINAFACE_WEIGHTS_DIR", str(shared / "weights"))
@@ -200,10 +327,13 @@ def main() -> None:
     print(f"# bench_device: {args.device}, size mix from {source}, {os.cpu_count()} CPUs (a shared machine: figures are noisy)")
     plan_table(sizes, "long:640", args.seed)
     photos = sample_photos(sizes, count, shared, args.seed)
-    print(f"\ndecode (JPEG q90 -> BGR, one thread): {decode_ms(photos):.1f} ms/image at the original sizes of the mix")
-    detect_table(photos, args.device, scale, args.repeats)
+    print(f"\ndecode on the CPU (JPEG q90 -> BGR, one thread): {decode_ms(photos[:256]):.1f} ms/image at the sizes of the mix")
+    if cuda:
+        parity(shared, args.device)
+    detect_table(photos, args.device, scale, precisions, args.batches, args.tta)
     if not args.no_job:
-        job_run(photos, args.device, scale, args.job_batch, args.decode_cpus_per_device)
+        job_photos = photos[: min(len(photos), 1000)]
+        job_run(job_photos, args.device, scale, precisions[0], args.job_images or (30000 if cuda else 48), args.job_arg)
 
 
 if __name__ == "__main__":

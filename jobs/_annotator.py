@@ -33,10 +33,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from retinaface_core.batching import PLAN_WINDOW_BATCHES, BatchStats
+from retinaface_core.batching import BatchStats, detect_window
+from retinaface_core.device_decode import decode_fetched, device_decoder_available
 from retinaface_core.image_io import RETRYABLE_KINDS, FetchedImage, fetch_image
-from retinaface_core.quality import FaceQuality, face_quality
-from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, LANDMARK_NAMES, QUALITY_COLUMNS, SETTINGS_METADATA_KEY
+from retinaface_core.quality import quality_features
+from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, SETTINGS_METADATA_KEY
 
 from ._model import ModelIdentity, load_detector
 from ._storage import OutputStore, parquet_bytes, settings_fingerprint
@@ -47,10 +48,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def fetch(config: AnnotateConfig, uri: str) -> FetchedImage:
-    """One input object read (storage errors retried with backoff) and decoded, within the job's limits."""
+def fetch(config: AnnotateConfig, uri: str, device_jpeg: bool = False) -> FetchedImage:
+    """One input object read (storage errors retried with backoff) and decoded, within the job's
+    limits; with ``device_jpeg`` a JPEG the device decodes is only probed (see :func:`fetch_image`)."""
     return fetch_image(
-        uri, config.s3, config.max_pixels, max_bytes=config.max_bytes, attempts=config.read_attempts, backoff=config.retry_backoff
+        uri, config.s3, config.max_pixels, max_bytes=config.max_bytes, attempts=config.read_attempts,
+        backoff=config.retry_backoff, device_jpeg=device_jpeg,
     )
 
 
@@ -105,8 +108,8 @@ def decode_ahead(
     lock = threading.RLock()
 
     def waiting_bytes() -> int:
-        done = (f.result() for f in futures if f.done())
-        return sum(item.image.nbytes for item in done if item.image is not None)
+        done = [f.result() for f in futures if f.done()]
+        return sum(item.image.nbytes for item in done if item.image is not None) + sum(len(item.encoded or b"") for item in done)
 
     def submit_more(_: Future | None = None) -> None:
         with lock:
@@ -146,6 +149,10 @@ class ShardAnnotator:
         self.fingerprint = settings_fingerprint(settings)
         torch.set_num_threads(config.threads_per_actor)
         self.detector = load_detector(config.detector, config.s3, model, config.num_gpus_per_actor)
+        # JPEGs are decoded on the GPU a window at a time; the readers only read and probe them.
+        self.device_jpeg = self.detector.device.type == "cuda" and device_decoder_available()
+        seconds = self.detector.warm_up(config.batch_size)
+        log.info("detector on %s ready: %d canvases built in %.1f s", self.detector.device, len(self.detector.canvases()), seconds)
         self.store = OutputStore(config.output, config.s3)
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
 
@@ -171,16 +178,14 @@ class ShardAnnotator:
 
     @property
     def _detect_window(self) -> int:
-        """Images per detect call: the bucket policy sorts a window of a few batches by aspect
-        ratio, so that each forward pass is full and padded little; exact needs one batch."""
-        c = self.config
-        return c.batch_size * (PLAN_WINDOW_BATCHES if c.detector.batching == "bucket" else 1)
+        return detect_window(self.config.batch_size, self.config.detector.batching)
 
     def _decode_ahead(self, uris: list[str]) -> Iterator[FetchedImage]:
         # Two detect windows ahead, so that the next window decodes while this one is detected.
         c = self.config
         window = max(2 * self._detect_window, 2 * c.decode_threads)
-        return decode_ahead(self.pool, partial(fetch, c), uris, window, c.decode_window_mb * 2**20, c.decode_threads)
+        fetch_one = partial(fetch, c, device_jpeg=self.device_jpeg)
+        return decode_ahead(self.pool, fetch_one, uris, window, c.decode_window_mb * 2**20, c.decode_threads)
 
     def _annotate_shard(self, shard_id: str, decoded: Iterable[FetchedImage], marked: bool) -> dict:
         start = time.perf_counter()
@@ -188,25 +193,25 @@ class ShardAnnotator:
         window = self._detect_window
         images: list[FetchedImage] = []
         sizes: list[tuple[int, int] | None] = []
-        faces: list[dict[str, np.ndarray] | None] = []
+        faces: list[np.ndarray | None] = []
         detect_ms: list[float] = []
         quality_ms: list[float] = []
         batch: list[int] = []
         for item in decoded:
             index = len(images)
             images.append(item)
-            sizes.append(None if item.image is None else item.image.shape[:2])
+            sizes.append(item.size)
             faces.append(None)
             detect_ms.append(0.0)
             quality_ms.append(0.0)
-            if item.image is not None:
+            if item.size is not None:
                 batch.append(index)
             if len(batch) == window:
                 self._detect(batch, images, faces, detect_ms, quality_ms)
                 batch = []
         if batch:
             self._detect(batch, images, faces, detect_ms, quality_ms)
-        table = self._table(images, sizes, faces, detect_ms, quality_ms)
+        table = self._table(images, [s if f is not None else None for s, f in zip(sizes, faces)], faces, detect_ms, quality_ms)
         table = table.replace_schema_metadata({SETTINGS_METADATA_KEY: self.settings_json})
         retryable = [item.uri for item in images if item.error_kind in RETRYABLE_KINDS]
         # The mark goes first: a run that dies between the two still leaves the shard to redo.
@@ -227,7 +232,7 @@ class ShardAnnotator:
             self.store.clear_retry(shard_id)
         return {
             **_summary(shard_id, images, self.detector.stats - stats_before),
-            "faces": int(sum(len(f["score"]) for f in faces if f is not None)),
+            "faces": int(sum(len(f) for f in faces if f is not None)),
             "seconds": time.perf_counter() - start,
         }
 
@@ -235,40 +240,51 @@ class ShardAnnotator:
         self,
         batch: list[int],
         images: list[FetchedImage],
-        faces: list,
+        faces: list[np.ndarray | None],
         detect_ms: list[float],
         quality_ms: list[float],
     ) -> None:
-        """Detect on a window of decoded images, score their faces, then release their pixels."""
+        """Decode (on the device) what waits for it, detect, score the faces, then release the pixels.
+
+        ``faces[i]`` becomes image i's (faces, len(FACE_STRUCT) - 1) float32 rows: the face
+        struct's columns after ``face_index``, in its order. Everything per pixel and per face
+        stays on the detector's device until one transfer per window.
+        """
+        items = [images[i] for i in batch]
         start = time.perf_counter()
-        detections = self.detector.detect([images[i].image for i in batch], self.config.batch_size)
-        share = (time.perf_counter() - start) * 1e3 / len(batch)
-        for i, det in zip(batch, detections):
-            q_start = time.perf_counter()
-            quality = face_quality(images[i].image, det.boxes, det.scores, det.landmarks)
-            faces[i] = _face_columns(det.boxes, det.scores, det.landmarks, quality)
-            quality_ms[i] = (time.perf_counter() - q_start) * 1e3
-            detect_ms[i] = share
-            images[i].image = None
+        decode_fetched(items, self.detector.device, self.config.max_pixels)
+        ok = [i for i in batch if images[i].image is not None]
+        pixels = [images[i].image for i in ok]
+        found = self.detector.detect_faces(pixels, self.config.batch_size)
+        scored = time.perf_counter()
+        quality = quality_features(pixels, found.image_index, found.boxes, found.scores, found.landmarks)
+        rows = torch.cat([found.boxes, found.scores[:, None], found.landmarks.reshape(-1, 10), quality.to(found.boxes.device)], dim=1)
+        host, counts = rows.cpu().numpy(), found.counts().cpu().numpy()
+        end = time.perf_counter()
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        for j, i in enumerate(ok):
+            faces[i] = host[bounds[j] : bounds[j + 1]]
+            detect_ms[i] = (scored - start) * 1e3 / len(ok)
+            quality_ms[i] = (end - scored) * 1e3 / len(ok)
+        for item in items:
+            item.image = None
 
     def _table(
         self,
         images: list[FetchedImage],
         sizes: list[tuple[int, int] | None],
-        faces: list[dict[str, np.ndarray] | None],
+        faces: list[np.ndarray | None],
         detect_ms: list[float],
         quality_ms: list[float],
     ) -> pa.Table:
         n = len(images)
-        counts = np.array([0 if f is None else len(f["score"]) for f in faces], dtype=np.int32)
+        counts = np.array([0 if f is None else len(f) for f in faces], dtype=np.int32)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        present = [f for f in faces if f is not None]
-        face_arrays = [
-            pa.array(
-                np.concatenate([f[field.name] for f in present]) if present else np.zeros(0),
-                type=field.type,
-            )
-            for field in FACE_STRUCT
+        flat = np.concatenate([f for f in faces if f is not None] + [np.zeros((0, len(FACE_STRUCT) - 1), np.float32)])
+        # Faces of an image are numbered in the detector's order (descending score) from 0.
+        face_index = np.arange(len(flat), dtype=np.int32) - np.repeat(offsets[:-1], counts)
+        face_arrays = [pa.array(face_index, type=FACE_STRUCT[0].type)] + [
+            pa.array(flat[:, c], type=FACE_STRUCT[c + 1].type) for c in range(len(FACE_STRUCT) - 1)
         ]
         face_list = pa.ListArray.from_arrays(
             pa.array(offsets), pa.StructArray.from_arrays(face_arrays, fields=list(FACE_STRUCT))
@@ -317,21 +333,3 @@ def _summary(shard_id: str, images: list[FetchedImage], stats: BatchStats | None
         "canvas_pixels": stats.canvas_pixels,
         "content_pixels": stats.content_pixels,
     }
-
-
-def _face_columns(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray, quality: FaceQuality) -> dict[str, np.ndarray]:
-    """The faces of one image as the flat columns of ``FACE_STRUCT``."""
-    columns = {
-        "face_index": np.arange(len(scores), dtype=np.int32),
-        "x1": boxes[:, 0],
-        "y1": boxes[:, 1],
-        "x2": boxes[:, 2],
-        "y2": boxes[:, 3],
-        "score": scores,
-    }
-    for k, name in enumerate(LANDMARK_NAMES):
-        columns[f"{name}_x"] = landmarks[:, k, 0]
-        columns[f"{name}_y"] = landmarks[:, k, 1]
-    for name in QUALITY_COLUMNS:
-        columns[name] = getattr(quality, name)
-    return columns

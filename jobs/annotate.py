@@ -68,7 +68,7 @@ class AnnotateConfig:
     batch_size: int = field(default=8, metadata={"help": "images per forward pass"})
     num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per detector actor (0: CPU)"})
     num_cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs reserved per detector actor"})
-    decode: str = field(default="auto", metadata={"help": "where images are decoded: actor (thread pool in the detector actor), tasks (separate CPU tasks), auto (tasks with GPUs, else actor)", "choices": ["auto", "actor", "tasks"]})
+    decode: str = field(default="auto", metadata={"help": "where images are read and decoded: actor (the detector actor's reader threads; JPEGs decoded on its GPU where it has one), tasks (separate CPU tasks decode and hand over pixels), auto (actor)", "choices": ["auto", "actor", "tasks"]})
     decode_threads: int = field(default=2, metadata={"help": "decode threads per actor (--decode actor)"})
     decode_cpus: float = field(default=0.5, metadata={"help": "CPUs per decode task (--decode tasks)"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads per actor (default: --num-cpus-per-actor, at least 1)"})
@@ -79,9 +79,7 @@ class AnnotateConfig:
 
     @property
     def decode_mode(self) -> str:
-        if self.decode != "auto":
-            return self.decode
-        return "tasks" if self.num_gpus_per_actor > 0 else "actor"
+        return "actor" if self.decode == "auto" else self.decode
 
     @property
     def shard_images(self) -> int:

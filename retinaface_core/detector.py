@@ -205,8 +205,10 @@ class Detector:
 
     def detect_faces(self, images: Sequence[Image], batch_size: int | None = None) -> FaceBatch:
         """The faces of ``images`` as one :class:`FaceBatch` on the detector's device (what the
-        per-face work that follows takes without a transfer); without TTA."""
+        per-face work that follows takes without a transfer); as :meth:`detect` otherwise."""
         s = self.settings
+        if self.tta.enabled:
+            return FaceBatch.from_detections(self.detect(images, batch_size), self.device)
         parts = []
         for group in self._groups(images, self.scale, batch_size):
             candidates = self.candidates(group, batch_size or len(images))
@@ -231,8 +233,10 @@ class Detector:
 
     def _groups(self, images: Sequence[Image], scale: InputScale, batch_size: int | None) -> list[InputGroup]:
         s = self.settings
-        pin = self.device.type == "cuda"
-        return group_batch(images, scale, s.pad_multiple, self.config.mean_bgr, s.batching, batch_size, pin, self._fixed_batch)
+        if self.device.type != "cpu":
+            # Resizing is per-pixel work: the device does it, from the original pixels.
+            images = [torch.from_numpy(i).to(self.device) if isinstance(i, np.ndarray) else i for i in images]
+        return group_batch(images, scale, s.pad_multiple, self.config.mean_bgr, s.batching, batch_size, False, self._fixed_batch)
 
     def candidates(self, group: InputGroup, capacity: int | None = None) -> Candidates:
         """The ``top_k`` best anchors above the score threshold of every image of ``group``, decoded

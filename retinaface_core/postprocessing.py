@@ -96,6 +96,16 @@ class FaceBatch:
         ]
 
     @classmethod
+    def from_detections(cls, detections: Sequence[Detections], device: torch.device) -> FaceBatch:
+        """The faces of per-image :class:`Detections` (e.g. from test-time augmentation) as one batch on ``device``."""
+        counts = [len(d) for d in detections]
+        flat = [np.concatenate(arrays) if detections else np.zeros((0, *shape), np.float32) for arrays, shape in (
+            ([d.boxes for d in detections], (4,)), ([d.scores for d in detections], ()), ([d.landmarks for d in detections], (5, 2)))]
+        boxes, scores, landmarks = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device) for a in flat)
+        index = torch.repeat_interleave(torch.arange(len(detections)), torch.tensor(counts, dtype=torch.long)).to(device)
+        return cls(index, boxes, scores, landmarks, len(detections))
+
+    @classmethod
     def merge(cls, parts: Sequence[tuple[FaceBatch, Sequence[int]]], count: int, device: torch.device) -> FaceBatch:
         """One batch of ``count`` images from parts covering some of them: each part's image i
         is image ``positions[i]`` of the result. Faces keep their order within an image."""

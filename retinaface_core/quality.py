@@ -313,3 +313,26 @@ def face_quality(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, landm
     )
     q.quality = composite_quality(QUALITY_MODEL, model_features(scores, q))
     return q
+
+
+def quality_features(images, image_index, boxes, scores, landmarks):  # type: ignore[no-untyped-def]
+    """(F, 9) float32 tensor of the FaceQuality fields of every face of a batch, on the boxes' device.
+
+    images: per image an H x W x 3 uint8 BGR array or tensor; image_index: (F,) the image of each
+    face; boxes (F, 4), scores (F,), landmarks (F, 5, 2) tensors.
+    """
+    import dataclasses
+
+    import torch
+
+    fields = [f.name for f in dataclasses.fields(FaceQuality)]
+    out = torch.zeros((len(scores), len(fields)), dtype=torch.float32)
+    index = image_index.cpu().numpy()
+    b, s, lm = (t.cpu().numpy() for t in (boxes, scores, landmarks))
+    for i in np.unique(index):
+        rows = np.flatnonzero(index == i)
+        image = images[i]
+        pixels = image.cpu().numpy() if isinstance(image, torch.Tensor) else image
+        q = face_quality(np.ascontiguousarray(pixels), b[rows], s[rows], lm[rows])
+        out[torch.from_numpy(rows)] = torch.from_numpy(np.stack([getattr(q, f) for f in fields], axis=1))
+    return out.to(boxes.device)
