@@ -75,6 +75,12 @@ def keys_as_written_s3() -> type[fsspec.AbstractFileSystem]:
     return KeysAsWrittenS3FileSystem
 
 
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is an S3 filesystem (without importing s3fs where none is used)."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return any(p in S3_PROTOCOLS for p in protocols)
+
+
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a local path, ``file://`` or any fsspec URI."""
     protocol = fsspec.utils.get_protocol(uri)

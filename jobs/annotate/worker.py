@@ -23,7 +23,7 @@ import logging
 import pickle
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -33,17 +33,18 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from retinaface_core.batching import BatchStats, detect_window
+from retinaface_core.batching import detect_window
 from retinaface_core.device_decode import decode_fetched, device_decoder_available
 from retinaface_core.image_io import RETRYABLE_KINDS, FetchedImage, fetch_image
 from retinaface_core.quality import quality_features
 from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, SETTINGS_METADATA_KEY
 
-from ._model import ModelIdentity, load_detector
-from ._storage import OutputStore, parquet_bytes, settings_fingerprint
+from .._model import ModelIdentity, load_detector
+from .output import OutputStore, parquet_bytes, settings_fingerprint
+from .summary import shard_summary
 
 if TYPE_CHECKING:
-    from .annotate import AnnotateConfig
+    from .config import AnnotateConfig
 
 log = logging.getLogger(__name__)
 
@@ -157,24 +158,25 @@ class ShardAnnotator:
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        summaries = []
         payloads = batch.get("payload")
-        for i, (shard_id, uris, marked) in enumerate(zip(batch["shard"], batch["uris"], batch["retry"])):
-            shard_id, uris = str(shard_id), [str(u) for u in uris]
-            payload = payloads[i] if payloads is not None else None
-            try:
-                summaries.append(
-                    with_retries(
-                        lambda: self._annotate_shard(shard_id, pickle.loads(payload) if payload else self._decode_ahead(uris), bool(marked)),
-                        self.config.shard_attempts,
-                        self.config.retry_backoff,
-                        f"shard {shard_id}",
-                        retry_if=lambda exc: not isinstance(exc, CommitFailed),
-                    )
-                )
-            except Exception as exc:
-                summaries.append({**_summary(shard_id, []), "error": f"{type(exc).__name__}: {exc}"})
+        summaries = [
+            self._shard(str(shard_id), [str(u) for u in uris], bool(marked), payloads[i] if payloads is not None else None)
+            for i, (shard_id, uris, marked) in enumerate(zip(batch["shard"], batch["uris"], batch["retry"], strict=True))
+        ]
         return {key: np.array([s[key] for s in summaries]) for key in summaries[0]}
+
+    def _shard(self, shard_id: str, uris: list[str], marked: bool, payload: bytes | None) -> dict[str, Any]:
+        """One shard row's summary: annotated and committed, tried again on failure; ``error`` set if it never committed."""
+        try:
+            return with_retries(
+                lambda: self._annotate_shard(shard_id, pickle.loads(payload) if payload else self._decode_ahead(uris), marked),
+                self.config.shard_attempts,
+                self.config.retry_backoff,
+                f"shard {shard_id}",
+                retry_if=lambda exc: not isinstance(exc, CommitFailed),
+            )
+        except Exception as exc:
+            return {**shard_summary(shard_id, []), "error": f"{type(exc).__name__}: {exc}"}
 
     @property
     def _detect_window(self) -> int:
@@ -231,7 +233,7 @@ class ShardAnnotator:
         if marked and not retryable:
             self.store.clear_retry(shard_id)
         return {
-            **_summary(shard_id, images, self.detector.stats - stats_before),
+            **shard_summary(shard_id, images, self.detector.stats - stats_before),
             "faces": int(sum(len(f) for f in faces if f is not None)),
             "seconds": time.perf_counter() - start,
         }
@@ -286,9 +288,7 @@ class ShardAnnotator:
         face_arrays = [pa.array(face_index, type=FACE_STRUCT[0].type)] + [
             pa.array(flat[:, c], type=FACE_STRUCT[c + 1].type) for c in range(len(FACE_STRUCT) - 1)
         ]
-        face_list = pa.ListArray.from_arrays(
-            pa.array(offsets), pa.StructArray.from_arrays(face_arrays, fields=list(FACE_STRUCT))
-        )
+        face_list = pa.ListArray.from_arrays(pa.array(offsets), pa.StructArray.from_arrays(face_arrays, fields=list(FACE_STRUCT)))
         columns = {
             "uri": [i.uri for i in images],
             "status": ["ok" if i.error_kind is None else "error" for i in images],
@@ -312,24 +312,3 @@ class ShardAnnotator:
         return pa.Table.from_arrays([*arrays, face_list.cast(ANNOTATION_SCHEMA.field("faces").type)], schema=ANNOTATION_SCHEMA)
 
 
-def _summary(shard_id: str, images: list[FetchedImage], stats: BatchStats | None = None) -> dict[str, Any]:
-    """A shard's summary row; ``error`` is set by the caller for a shard that did not commit.
-
-    ``passes`` .. ``content_pixels`` are the shard's forward passes (:class:`BatchStats`)."""
-    errors = Counter(item.error_kind for item in images if item.error_kind)
-    stats = stats or BatchStats()
-    return {
-        "shard": shard_id,
-        "images": len(images),
-        "faces": 0,
-        "errors": sum(errors.values()),
-        "errors_by_kind": json.dumps(dict(errors)),
-        "retryable_errors": sum(errors[kind] for kind in RETRYABLE_KINDS),
-        "seconds": 0.0,
-        "error": "",
-        "passes": stats.passes,
-        "detected": stats.images,
-        "slots": stats.slots,
-        "canvas_pixels": stats.canvas_pixels,
-        "content_pixels": stats.content_pixels,
-    }
