@@ -312,6 +312,7 @@ def main() -> None:
     parser.add_argument("--job-images", type=int, default=None, help="files of the job part (default: 30000 on cuda, 48 on cpu)")
     parser.add_argument("--job-arg", action="append", default=[], help="extra flag for the job (repeat), e.g. --job-arg=--batch-size=64")
     parser.add_argument("--no-job", action="store_true", help="skip the end-to-end job")
+    parser.add_argument("--no-detect", action="store_true", help="skip the plan, parity and detect parts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shared", type=Path, default=Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared")))
     args = parser.parse_args()
@@ -325,12 +326,13 @@ def main() -> None:
 
     sizes, source = read_size_mix(shared)
     print(f"# bench_device: {args.device}, size mix from {source}, {os.cpu_count()} CPUs (a shared machine: figures are noisy)")
-    plan_table(sizes, "long:640", args.seed)
     photos = sample_photos(sizes, count, shared, args.seed)
-    print(f"\ndecode on the CPU (JPEG q90 -> BGR, one thread): {decode_ms(photos[:256]):.1f} ms/image at the sizes of the mix")
-    if cuda:
-        parity(shared, args.device)
-    detect_table(photos, args.device, scale, precisions, args.batches, args.tta)
+    if not args.no_detect:
+        plan_table(sizes, "long:640", args.seed)
+        print(f"\ndecode on the CPU (JPEG q90 -> BGR, one thread): {decode_ms(photos[:256]):.1f} ms/image at the sizes of the mix")
+        if cuda:
+            parity(shared, args.device)
+        detect_table(photos, args.device, scale, precisions, args.batches, args.tta)
     if not args.no_job:
         job_photos = photos[: min(len(photos), 1000)]
         job_run(job_photos, args.device, scale, precisions[0], args.job_images or (30000 if cuda else 48), args.job_arg)
