@@ -171,6 +171,15 @@ def parity(shared: Path | None, device: str) -> None:
         decoded = decode_jpegs(datas, headers, [str(p) for p in paths], torch.device(device))  # type: ignore[arg-type]
         diffs = [float(np.abs(d.cpu().numpy().astype(np.int16) - c).mean()) for d, c in zip(decoded, cpu_images)]
         print(f"device JPEG decode vs Pillow: mean abs difference {np.mean(diffs):.2f} grey levels (max over photos {max(diffs):.2f})")
+        blobs = [jpeg(p) for p in sample_photos(read_size_mix(shared)[0], 512, shared, 1)]
+        for window in (64, 256):
+            start = time.perf_counter()
+            for first in range(0, len(blobs), window):
+                chunk = blobs[first : first + window]
+                decode_jpegs(chunk, [probe_jpeg(b) for b in chunk], ["x"] * len(chunk), torch.device(device))  # type: ignore[misc]
+            torch.cuda.synchronize()
+            rate = len(blobs) / (time.perf_counter() - start)
+            print(f"device JPEG decode, probe included, calls of {window}: {rate:.0f} images/s (one thread)")
     else:
         print("device JPEG decode: not available (torchvision's nvJPEG)")
     for precision in ("fp32", "fp16"):
@@ -260,7 +269,9 @@ class GpuSampler:
         return sum(values) / len(values) / 100 if values else float("nan")
 
 
-def job_run(photos: list[np.ndarray], device: str, scale: str, precision: str, count: int, job_args: list[str]) -> None:
+def job_run(
+    photos: list[np.ndarray], device: str, scale: str, precision: str, count: int, job_args: list[str], timeout: float, log: Path | None
+) -> None:
     import subprocess
 
     import pyarrow.parquet as pq
@@ -276,15 +287,22 @@ def job_run(photos: list[np.ndarray], device: str, scale: str, precision: str, c
         ]
         print(f"\n## Job: {count} JPEG files in a local folder, {device}, {precision}: {' '.join(command[1:])}\n", flush=True)
         sampler = GpuSampler() if on_gpu else None
+        log_file = (log or work / "job.log").open("w")
         start = time.time()
-        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+        try:
+            done = subprocess.run(command, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+            outcome = f"rc {done.returncode}"
+        except subprocess.TimeoutExpired:
+            outcome = f"stopped after {timeout:.0f} s (--job-timeout): figures of the shards committed by then"
         end = time.time()
+        log_file.close()
         if sampler:
             sampler.stop()
-        if done.returncode:
-            print(f"job failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-            return
+        print(f"job: {outcome}; its output is in {log or 'a temporary log'}")
         files = sorted((output / "annotations").rglob("*.parquet"), key=lambda p: p.stat().st_mtime)
+        if not files:
+            print("no shard committed")
+            return
         commits = [p.stat().st_mtime for p in files]
         rows = [pq.read_metadata(p).num_rows for p in files]
         table = pq.read_table(output / "annotations", columns=["read_ms", "decode_ms", "detect_ms", "quality_ms", "status"])
@@ -296,7 +314,6 @@ def job_run(photos: list[np.ndarray], device: str, scale: str, precision: str, c
             print(f"GPU busy (nvidia-smi utilisation) in the steady state: {sampler.mean(commits[0], commits[-1]):.0%}")
         stages = ", ".join(f"{c.removesuffix('_ms')} {np.mean(table.column(c).to_numpy(zero_copy_only=False)):.2f}" for c in table.column_names if c.endswith("_ms"))
         print(f"host ms per image by stage (per actor thread): {stages}; error rows: {table.column('status').to_pylist().count('error')}")
-        print(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -312,6 +329,8 @@ def main() -> None:
     parser.add_argument("--job-images", type=int, default=None, help="files of the job part (default: 30000 on cuda, 48 on cpu)")
     parser.add_argument("--job-arg", action="append", default=[], help="extra flag for the job (repeat), e.g. --job-arg=--batch-size=64")
     parser.add_argument("--no-job", action="store_true", help="skip the end-to-end job")
+    parser.add_argument("--job-timeout", type=float, default=600, help="seconds before the job is stopped (figures then cover what it committed)")
+    parser.add_argument("--job-log", type=Path, default=None, help="write the job's output here")
     parser.add_argument("--no-detect", action="store_true", help="skip the plan, parity and detect parts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shared", type=Path, default=Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared")))
@@ -335,7 +354,8 @@ def main() -> None:
         detect_table(photos, args.device, scale, precisions, args.batches, args.tta)
     if not args.no_job:
         job_photos = photos[: min(len(photos), 1000)]
-        job_run(job_photos, args.device, scale, precisions[0], args.job_images or (30000 if cuda else 48), args.job_arg)
+        count = args.job_images or (30000 if cuda else 48)
+        job_run(job_photos, args.device, scale, precisions[0], count, args.job_arg, args.job_timeout, args.job_log)
 
 
 if __name__ == "__main__":

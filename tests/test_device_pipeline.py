@@ -180,3 +180,25 @@ def test_warm_up_builds_every_canvas_of_the_scale(random_weights):
     assert detector.warm_up(batch_size=2) >= 0
     assert Detector(random_weights, scale="square:160", batching="bucket").canvases() == [(160, 160)]
     assert Detector(random_weights, scale="original", batching="bucket").canvases() == []
+
+
+def test_the_job_and_the_core_need_no_s3fs_for_local_folders(repo_root, tmp_path, photo):
+    """A GPU host with torch and Ray alone (no s3fs) runs the job on local folders."""
+    import subprocess
+    import sys
+
+    cv2.imwrite(str(tmp_path / "a.jpg"), photo)
+    script = f"""
+import sys
+class NoS3fs:
+    def find_spec(self, name, path=None, target=None):
+        if name == "s3fs" or name.startswith("s3fs."):
+            raise ImportError("s3fs is not installed here")
+sys.meta_path.insert(0, NoS3fs())
+import jobs.annotate.job, jobs.annotate.worker, retinaface_core
+from jobs._inputs import list_input
+from retinaface_core.image_io import read_image
+assert len(list_input({str(tmp_path)!r})) == 1 and read_image({str(tmp_path / "a.jpg")!r}).shape == (512, 512, 3)
+assert "s3fs" not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", script], cwd=repo_root, check=True)

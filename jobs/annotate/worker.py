@@ -7,12 +7,13 @@ name, so retries overwrite rather than duplicate.
 
 Two ways to feed it (``--decode``):
 
-- ``actor``: the annotator reads and decodes the shard's images itself on a thread pool, a
-  window of images ahead of the detector, so decoding overlaps the forward pass and decoded
-  pixels never cross the object store (best on a few CPUs).
+- ``actor`` (the default): the annotator's reader threads read the shard's objects a window of
+  images ahead of the detector. On a GPU they only probe JPEGs (header, size, orientation) and
+  the window is decoded there in one batch (nvJPEG), with everything the device cannot decode
+  done on the CPU; on a CPU they decode. Pixels never cross the object store.
 - ``tasks``: :func:`decode_shards` runs as separate Ray tasks with a fraction of a CPU each and
-  hands the annotator uint8 pixels through the object store (best when the detector has a GPU
-  and many CPUs can decode for it).
+  hands the annotator uint8 pixels through the object store (for CPU detectors on nodes whose
+  CPUs the actors do not use).
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def decode_shards(batch: dict[str, np.ndarray], config: AnnotateConfig) -> dict[
 
     ``payload`` holds the pickled list of :class:`FetchedImage` (uint8 pixels, never float).
     """
-    payloads = [pickle.dumps([fetch(config, str(u)) for u in uris], protocol=5) for uris in batch["uris"]]
-    return {**batch, "payload": np.array(payloads, dtype=object)}
+    uris = [[str(u) for u in shard] for shard in batch["uris"]]
+    payloads = [pickle.dumps([fetch(config, u) for u in shard], protocol=5) for shard in uris]
+    # Lists, not the object arrays of arrays Ray Data hands in: those it cannot turn back into Arrow.
+    return {**batch, "uris": np.array(uris + [None], dtype=object)[:-1], "payload": np.array(payloads, dtype=object)}
 
 
 class CommitFailed(RuntimeError):
