@@ -121,3 +121,10 @@ def network_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(f"precision fp16 needs a CUDA device, not {device.type!r}; use bf16 (or fp32) on a CPU")
     return PRECISIONS[precision]
+
+
+def detect_window(batch_size: int, batching: str) -> int:
+    """Images a job hands one detect call: ``PLAN_WINDOW_BATCHES`` batches with the ``bucket``
+    policy, which sorts the call's images by aspect ratio so that each pass is full and padded
+    little; one batch with ``exact``, whose passes group images of one shape whatever the call."""
+    return batch_size * (PLAN_WINDOW_BATCHES if batching == "bucket" else 1)

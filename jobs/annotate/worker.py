@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from retinaface_core.batching import PLAN_WINDOW_BATCHES
+from retinaface_core.batching import detect_window
 from retinaface_core.image_io import RETRYABLE_KINDS, FetchedImage, fetch_image
 from retinaface_core.quality import FaceQuality, face_quality
 from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, LANDMARK_NAMES, QUALITY_COLUMNS, SETTINGS_METADATA_KEY
@@ -173,10 +173,7 @@ class ShardAnnotator:
 
     @property
     def _detect_window(self) -> int:
-        """Images per detect call: the bucket policy sorts a window of a few batches by aspect
-        ratio, so that each forward pass is full and padded little; exact needs one batch."""
-        c = self.config
-        return c.batch_size * (PLAN_WINDOW_BATCHES if c.detector.batching == "bucket" else 1)
+        return detect_window(self.config.batch_size, self.config.detector.batching)
 
     def _decode_ahead(self, uris: list[str]) -> Iterator[FetchedImage]:
         # Two detect windows ahead, so that the next window decodes while this one is detected.
@@ -243,11 +240,12 @@ class ShardAnnotator:
     ) -> None:
         """Detect on a window of decoded images, score their faces, then release their pixels."""
         start = time.perf_counter()
-        detections = self.detector.detect([images[i].image for i in batch], self.config.batch_size)
+        pixels = [image for i in batch if (image := images[i].image) is not None]  # all of them: only decoded images are batched
+        detections = self.detector.detect(pixels, self.config.batch_size)
         share = (time.perf_counter() - start) * 1e3 / len(batch)
-        for i, det in zip(batch, detections, strict=True):
+        for i, image, det in zip(batch, pixels, detections, strict=True):
             q_start = time.perf_counter()
-            quality = face_quality(images[i].image, det.boxes, det.scores, det.landmarks)
+            quality = face_quality(image, det.boxes, det.scores, det.landmarks)
             faces[i] = _face_columns(det.boxes, det.scores, det.landmarks, quality)
             quality_ms[i] = (time.perf_counter() - q_start) * 1e3
             detect_ms[i] = share
