@@ -10,8 +10,7 @@ def pool_size(resources: dict[str, float], cpus_per_actor: float, gpus_per_actor
 
     On CPUs, several single-threaded actors beat one multi-threaded actor: each overlaps its own
     decoding with its own forward pass, and a single-threaded forward wastes no time in thread
-    synchronisation (measured on 2 cores: 2 actors x 1 thread about twice the images/s of
-    1 actor x 2 threads; see docs/annotate.md).
+    synchronisation (``docs/annotate.md``, "Benchmark", has the measurements).
     """
     if gpus_per_actor > 0:
         return max(1, int(resources.get("GPU", 0) // gpus_per_actor))

@@ -1,18 +1,9 @@
-"""How a job ends: :class:`JobError` for a job-level problem, and the exit statuses of ``jobs.train`` and
-``jobs.registry``, for schedulers (the weekly CronJob).
+"""How a job ends: :class:`JobError` for a job-level problem, and :class:`ExitCode`, the exit status
+of every entrypoint (``jobs.annotate``, ``jobs.evaluate``, ``jobs.train``, ``jobs.registry``,
+``jobs.demo``), for people and schedulers (the weekly CronJob).
 
-=====  ==========================================================================================
-code   meaning
-=====  ==========================================================================================
-0      done: promoted, registered, or nothing to do (already registered / already current)
-1      crashed: an unexpected error, with its traceback
-2      failed: a reported error in one line (bad flag, checkpoint, data, registry, training run)
-3      refused: the model was trained and registered, but the promotion gate kept the current one
-130    interrupted (Ctrl-C, ``jobs.train``): rerunning the same command resumes
-=====  ==========================================================================================
-
-2 is also what argparse exits with on a bad command line, and what ``jobs.annotate`` and
-``jobs.evaluate`` exit with on a reported error, so "2" means the same in every job.
+The table of codes and what each means for each job is ``docs/exit_codes.md`` (a test checks that
+it lists exactly these codes: ``tests/test_exit_codes.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +16,16 @@ class JobError(RuntimeError):
 
 
 class ExitCode(enum.IntEnum):
-    """See the module docstring."""
+    """An entrypoint's exit status; see ``docs/exit_codes.md``."""
 
     OK = 0
+    # What Python exits with on an uncaught exception (its traceback says where): a bug, never returned.
+    CRASHED = 1
+    # A reported error, in one line; also what argparse exits with on a bad command line.
     FAILED = 2
-    REFUSED = 3
+    # The work ran to its end but its goal was not reached; what was done is kept.
+    INCOMPLETE = 3
+    # The same status under the name each job gives its case of it.
+    SHARDS_FAILED = 3  # jobs.annotate: shards did not commit after their retries; a rerun does the rest
+    REFUSED = 3  # jobs.train --promote, jobs.registry promote: the gate kept the current model
     INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C

@@ -47,8 +47,9 @@ def list_input(uri: str, options: StorageOptions | None = None) -> pa.ChunkedArr
     """The sorted, de-duplicated image URIs of a prefix (recursive) or of a manifest file.
 
     The listing is streamed a page (1,000 keys on S3) at a time, bypassing the client's listing
-    cache, and kept as Arrow strings, one chunk per page: about the URI's own bytes plus 4 per
-    object, instead of the ~1.5 KB of a cached listing and Python strings.
+    cache, and kept as Arrow strings, one chunk per page: the URI's own bytes plus a 4-byte
+    offset per object, where a cached listing holds a dict per object and Python strings an
+    object each (``docs/annotate.md``, "Scale notes and limits").
 
     A manifest is a file whose name ends in .txt/.lst/.csv (one URI per line; blank lines and
     lines starting with # are skipped) or .parquet (a ``uri`` column). Manifest entries are

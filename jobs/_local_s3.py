@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -58,7 +59,7 @@ class LocalS3:
     def __init__(self, *, process: bool = False) -> None:
         self.process = process
         self.endpoint = ""
-        self._server = None
+        self._server: Any = None  # a Popen, or moto's ThreadedMotoServer (imported when started)
 
     def start(self) -> str:
         try:

@@ -63,7 +63,6 @@ def load_detector(settings: DetectorSettings, storage: StorageOptions, model: Mo
     if detector.weights.sha256 != model.sha256:
         # A worker resolving the same name to another file would silently mix two models.
         raise RuntimeError(
-            f"worker loaded checkpoint {detector.weights.uri} with sha256 {detector.weights.sha256}, "
-            f"the driver {model.sha256}"
+            f"worker loaded checkpoint {detector.weights.uri} with sha256 {detector.weights.sha256}, the driver {model.sha256}"
         )
     return detector

@@ -97,4 +97,4 @@ def random_variant(rgb: np.ndarray, rng: np.random.Generator, max_side: int = 10
     long_side = int(rng.integers(256, max_side + 1))
     factor = long_side / max(h, w)
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    return np.asarray(Image.fromarray(crop).resize(size, Image.BILINEAR))
+    return np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BILINEAR))

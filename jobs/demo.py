@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
+from ._exit import ExitCode
 from ._local_s3 import LocalS3, s3_environment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,17 +52,26 @@ def print_summary(output: Path) -> None:
     con.execute("CREATE VIEW faces AS SELECT uri, unnest(faces, recursive := true) FROM images")
     queries = {
         "images by status": "SELECT status, count(*) AS images, sum(num_faces) AS faces FROM images GROUP BY status ORDER BY status",
-        "errors and their reasons": "SELECT regexp_extract(uri, '[^/]+$') AS object, error_kind, error FROM images WHERE status = 'error' ORDER BY uri",
-        "images with the most faces": "SELECT regexp_extract(uri, '[^/]+$') AS object, width, height, num_faces FROM images ORDER BY num_faces DESC LIMIT 8",
-        "face sizes (short side, px)": "SELECT CAST(pow(2, floor(log2(face_size))) AS INTEGER) AS min_px, count(*) AS faces, round(avg(quality), 3) AS mean_quality FROM faces GROUP BY min_px ORDER BY min_px",
-        "faces with score > 0.9 and quality > 0.5": "SELECT count(*) AS faces, count(DISTINCT uri) AS images FROM faces WHERE score > 0.9 AND quality > 0.5",
+        "errors and their reasons": (
+            "SELECT regexp_extract(uri, '[^/]+$') AS object, error_kind, error FROM images WHERE status = 'error' ORDER BY uri"
+        ),
+        "images with the most faces": (
+            "SELECT regexp_extract(uri, '[^/]+$') AS object, width, height, num_faces FROM images ORDER BY num_faces DESC LIMIT 8"
+        ),
+        "face sizes (short side, px)": (
+            "SELECT CAST(pow(2, floor(log2(face_size))) AS INTEGER) AS min_px, count(*) AS faces, "
+            "round(avg(quality), 3) AS mean_quality FROM faces GROUP BY min_px ORDER BY min_px"
+        ),
+        "faces with score > 0.9 and quality > 0.5": (
+            "SELECT count(*) AS faces, count(DISTINCT uri) AS images FROM faces WHERE score > 0.9 AND quality > 0.5"
+        ),
     }
     for title, sql in queries.items():
         print(f"\n-- {title}")
         con.sql(sql).show(max_width=160)
 
 
-def main() -> None:
+def main() -> ExitCode:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "demo_output", help="where the Parquet dataset goes")
     parser.add_argument("--shared", type=Path, default=Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared")))
@@ -86,7 +97,8 @@ def main() -> None:
         run(from_values(AnnotateConfig, settings))
         ray.shutdown()
         print_summary(args.output)
+    return ExitCode.OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

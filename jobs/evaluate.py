@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retinaface_core import DetectorSettings, StorageOptions
-from retinaface_core.batching import PLAN_WINDOW_BATCHES
-from retinaface_core.evaluation import evaluate, format_ap_table, plot_pr_curves
+from retinaface_core.batching import detect_window
+from retinaface_core.evaluation import EvaluationResult, evaluate, format_ap_table, plot_pr_curves
 from retinaface_core.image_io import DEFAULT_MAX_PIXELS, fetch_image
 from retinaface_core.storage import filesystem, full_uri, redact, write_file
-from retinaface_core.widerface import WiderFormatError, read_ground_truth_mat, submission_rows, write_predictions
+from retinaface_core.widerface import WiderFormatError, WiderValGroundTruth, read_ground_truth_mat, submission_rows, write_predictions
 
 from ._cluster import init_ray, pool_size
 from ._config import config_dict, format_config, parse_config
-from ._model import ModelIdentity, load_detector, resolve_model_identity
-from ._exit import JobError
+from ._exit import ExitCode, JobError
 from ._inputs import list_input
+from ._model import ModelIdentity, load_detector, resolve_model_identity
 
 
 @dataclass
@@ -42,13 +42,30 @@ class EvaluateConfig:
     ground_truth: str = field(metadata={"help": "URI of the folder with wider_face_val.mat and wider_{easy,medium,hard}_val.mat"})
     output: str = field(metadata={"help": "URI where predictions/ and the AP report are written"})
     # The protocol's settings: a low threshold, since AP integrates over all thresholds.
-    detector: DetectorSettings = field(default_factory=lambda: DetectorSettings(scale="original", score_threshold=0.02), metadata={"flatten": ""})
-    subset: bool = field(default=False, metadata={"help": "score only the images found under --images (default: every val image; missing ones count as misses)"})
-    actors: int | None = field(default=None, metadata={"help": "detector actors (default: one per GPU with --num-gpus-per-actor, else one per CPU of the cluster)"})
-    batch_size: int = field(default=4, metadata={"help": "images per forward pass; an actor call takes 4 batches with --batching bucket (as the annotation job's window), 1 with exact"})
+    detector: DetectorSettings = field(
+        default_factory=lambda: DetectorSettings(scale="original", score_threshold=0.02), metadata={"flatten": ""}
+    )
+    subset: bool = field(
+        default=False,
+        metadata={"help": "score only the images found under --images (default: every val image; missing ones count as misses)"},
+    )
+    actors: int | None = field(
+        default=None, metadata={"help": "detector actors (default: one per GPU with --num-gpus-per-actor, else one per CPU of the cluster)"}
+    )
+    batch_size: int = field(
+        default=4,
+        metadata={
+            "help": (
+                "images per forward pass; an actor call takes 4 batches with --batching bucket (as the annotation "
+                "job's window), 1 with exact"
+            )
+        },
+    )
     num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per detector actor (0: CPU)"})
     s3: StorageOptions = field(default_factory=StorageOptions, metadata={"flatten": "s3_"})
-    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join: auto, host:port, ray://... (default: $RAY_ADDRESS, else a new local Ray)"})
+    ray_address: str | None = field(
+        default=None, metadata={"help": "Ray cluster to join: auto, host:port, ray://... (default: $RAY_ADDRESS, else a new local Ray)"}
+    )
 
 
 class WiderPredictor:
@@ -90,7 +107,7 @@ def image_names(uris: Sequence[str], root: str) -> dict[str, str]:
     for uri in uris:
         if not uri.startswith(prefix):
             raise JobError(f"{uri} is not below the image folder {root}")
-        names[uri] = posixpath.splitext(uri[len(prefix):])[0]
+        names[uri] = posixpath.splitext(uri[len(prefix) :])[0]
     return names
 
 
@@ -105,47 +122,12 @@ def run(config: EvaluateConfig) -> dict:
 
 
 def _run(config: EvaluateConfig) -> dict:
-    import ray
-
     model, _ = resolve_model_identity(config.detector, config.s3)
-    try:
-        gt = read_ground_truth_mat(config.ground_truth, config.s3)
-    except (OSError, WiderFormatError) as exc:
-        raise JobError(f"ground truth {config.ground_truth}: {exc}") from exc
-    fs, root = filesystem(config.images, config.s3)
-    uris = list_input(config.images, config.s3).to_pylist()
-    if not uris:
-        raise JobError(f"no images under {config.images}")
-    names = image_names(uris, full_uri(fs, root))
-    unknown = sorted(set(names.values()) - set(gt.boxes))
-    if unknown:
-        raise JobError(f"{len(unknown)} images under {config.images} are not WIDER val images, e.g. {unknown[:3]}")
-
+    gt, names = _val_images(config)
     start = time.perf_counter()
-    init_ray(config.ray_address)
-    call = config.batch_size * (PLAN_WINDOW_BATCHES if config.detector.batching == "bucket" else 1)
-    actors = min(-(-len(uris) // call), config.actors or pool_size(ray.cluster_resources(), 1.0, config.num_gpus_per_actor))
-    dataset = ray.data.from_items([{"uri": uri} for uri in uris]).map_batches(
-        WiderPredictor,
-        fn_constructor_args=(config, model),
-        batch_size=call,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=config.num_gpus_per_actor or None,
-    )
-    predictions, errors = {}, {}
-    for row in dataset.iter_rows():
-        name = names[row["uri"]]
-        if row["error"]:
-            errors[name] = row["error"]
-        else:
-            predictions[name] = np.asarray(row["detections"], dtype=np.float64).reshape(-1, 5)
+    predictions = _predict(config, model, names)
     seconds = time.perf_counter() - start
-    if errors:
-        raise JobError(f"{len(errors)} val images could not be read, so no AP is reported: " + "; ".join(list(errors.values())[:5]))
-
     result = evaluate(predictions, gt, subset=config.subset)
-    out = config.output.rstrip("/")
-    write_predictions(predictions, f"{out}/predictions", config.s3)
     report = {
         "ap": result.ap,
         "num_images": result.num_images,
@@ -161,24 +143,75 @@ def _run(config: EvaluateConfig) -> dict:
         "model_sha256": model.sha256,
         "detect_seconds": round(seconds, 3),
     }
-    write_file(f"{out}/ap.json", json.dumps(report, indent=2).encode(), config.s3)
-    write_file(f"{out}/ap.md", (format_ap_table(result) + "\n").encode(), config.s3)
-    write_file(f"{out}/config.json", json.dumps(config_dict(config), indent=2).encode(), config.s3)
-    plot_pr_curves(result, f"{out}/pr_curves.png", config.s3)
+    out = config.output.rstrip("/")
+    _write_report(config, out, predictions, result, report)
     print(format_ap_table(result))
     print(f"{len(predictions)} images in {seconds:.1f} s; report written to {out}")
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _val_images(config: EvaluateConfig) -> tuple[WiderValGroundTruth, dict[str, str]]:
+    """The ground truth and ``"EVENT/NAME"`` of each image URI, every image checked to be a val image."""
+    try:
+        gt = read_ground_truth_mat(config.ground_truth, config.s3)
+    except (OSError, WiderFormatError) as exc:
+        raise JobError(f"ground truth {config.ground_truth}: {exc}") from exc
+    fs, root = filesystem(config.images, config.s3)
+    uris = list_input(config.images, config.s3).to_pylist()
+    if not uris:
+        raise JobError(f"no images under {config.images}")
+    names = image_names(uris, full_uri(fs, root))
+    unknown = sorted(set(names.values()) - set(gt.boxes))
+    if unknown:
+        raise JobError(f"{len(unknown)} images under {config.images} are not WIDER val images, e.g. {unknown[:3]}")
+    return gt, names
+
+
+def _predict(config: EvaluateConfig, model: ModelIdentity, names: dict[str, str]) -> dict[str, np.ndarray]:
+    """``"EVENT/NAME"`` -> (N, 5) detections of every image, from a Ray actor pool; :class:`JobError` if any is unreadable."""
+    import ray
+
+    init_ray(config.ray_address)
+    call = detect_window(config.batch_size, config.detector.batching)
+    actors = min(-(-len(names) // call), config.actors or pool_size(ray.cluster_resources(), 1.0, config.num_gpus_per_actor))
+    dataset = ray.data.from_items([{"uri": uri} for uri in names]).map_batches(
+        WiderPredictor,
+        fn_constructor_args=(config, model),
+        batch_size=call,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=config.num_gpus_per_actor or None,
+    )
+    predictions, errors = {}, {}
+    for row in dataset.iter_rows():
+        name = names[row["uri"]]
+        if row["error"]:
+            errors[name] = row["error"]
+        else:
+            predictions[name] = np.asarray(row["detections"], dtype=np.float64).reshape(-1, 5)
+    if errors:
+        raise JobError(f"{len(errors)} val images could not be read, so no AP is reported: " + "; ".join(list(errors.values())[:5]))
+    return predictions
+
+
+def _write_report(config: EvaluateConfig, out: str, predictions: dict[str, np.ndarray], result: EvaluationResult, report: dict) -> None:
+    """``predictions/``, ``ap.json``, ``ap.md``, ``config.json`` and ``pr_curves.png`` under ``out``."""
+    write_predictions(predictions, f"{out}/predictions", config.s3)
+    write_file(f"{out}/ap.json", json.dumps(report, indent=2).encode(), config.s3)
+    write_file(f"{out}/ap.md", (format_ap_table(result) + "\n").encode(), config.s3)
+    write_file(f"{out}/config.json", json.dumps(config_dict(config), indent=2).encode(), config.s3)
+    plot_pr_curves(result, f"{out}/pr_curves.png", config.s3)
+
+
+def main(argv: Sequence[str] | None = None) -> ExitCode:
+    """Evaluate; FAILED for a reported error (``docs/exit_codes.md``)."""
     config = parse_config(EvaluateConfig, argv)
     print("jobs.evaluate settings:\n" + format_config(config), flush=True)
     try:
         run(config)
     except JobError as exc:
         print(f"evaluate: error: {redact(str(exc))}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+        return ExitCode.FAILED
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ promote against; or a training checkpoint folder as ``jobs.train`` prints it) on
 set and stores it as the next version; a checkpoint the registry already holds (same sha256)
 keeps its version.
 
-Exit status (:mod:`jobs._exit`): 0 done or nothing to do (``promote`` of the current version,
+Exit status (``docs/exit_codes.md``): 0 done or nothing to do (``promote`` of the current version,
 ``rollback --to`` the current version); 3 when the gate refuses the version (its val AP is lower
 than the current model's on some level, or it was measured on other data; ``--force`` promotes
 anyway); 2 on an error, said in one line.
@@ -57,13 +57,14 @@ def _format_ap(ap: dict[str, float] | None) -> str:
     return " / ".join(f"{ap[level]:.4f}" for level in LEVELS)
 
 
-def _list(registry: ModelRegistry) -> None:
+def _list(registry: ModelRegistry, args: argparse.Namespace) -> ExitCode:
     current = registry.current()
     print(f"{'':2}{'version':<9}{'created':<27}{'val AP easy / medium / hard':<30}sha256")
     for version in registry.versions():
         entry = registry.get(version)
         mark = "* " if version == current else "  "
         print(f"{mark}{version:<9}{entry.created:<27}{_format_ap(entry.val_ap):<30}{entry.sha256[:12]}")
+    return ExitCode.OK
 
 
 def _register_checkpoint(
@@ -85,28 +86,78 @@ def _register_checkpoint(
     )
 
 
+def _show(registry: ModelRegistry, args: argparse.Namespace) -> ExitCode:
+    version = args.version or registry.current()
+    if version is None:
+        raise RegistryError(f"{args.registry}: no current version")
+    entry = registry.get(version)
+    print(json.dumps({**entry.__dict__, "current": version == registry.current()}, indent=2))
+    return ExitCode.OK
+
+
+def _promote(registry: ModelRegistry, args: argparse.Namespace) -> ExitCode:
+    version = args.version
+    if version == "latest":
+        if not registry.versions():
+            raise RegistryError(f"{args.registry}: no registered version")
+        version = registry.versions()[-1]
+    decision = registry.promote(version, force=args.force)
+    if decision.previous == decision.version:
+        print(f"unchanged: {decision.reason}")
+        return ExitCode.OK
+    verdict = "promoted" if decision.promoted else "refused"
+    print(f"{verdict} {decision.version} (previous: {decision.previous}): {decision.reason}")
+    return ExitCode.OK if decision.promoted else ExitCode.REFUSED
+
+
+def _rollback(registry: ModelRegistry, args: argparse.Namespace) -> ExitCode:
+    previous = registry.current()
+    target = registry.rollback(args.to)
+    if target == previous:
+        print(f"unchanged: {target} is already current, nothing to roll back")
+    else:
+        print(f"current: {target} (was {previous})")
+    return ExitCode.OK
+
+
+def _register(registry: ModelRegistry, args: argparse.Namespace) -> ExitCode:
+    before = set(registry.versions())
+    entry = _register_checkpoint(registry, args.checkpoint, args.val, args.val_gt, args.val_scale, registry.storage)
+    verb = "already registered as" if entry.version in before else "registered"
+    print(f"{verb} {entry.version}: val AP easy / medium / hard {_format_ap(entry.val_ap)}")
+    return ExitCode.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """One sub-command per action, each naming its function (``func``): ``main`` calls it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     add_flags(common, RegistrySettings)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", parents=[common], help="versions, their val AP; * marks the current one")
+    commands.add_parser("list", parents=[common], help="versions, their val AP; * marks the current one").set_defaults(func=_list)
     show = commands.add_parser("show", parents=[common], help="one version's manifest")
     show.add_argument("version", nargs="?")
+    show.set_defaults(func=_show)
     promote = commands.add_parser("promote", parents=[common], help="make a version current if its val AP is not lower on any level")
     promote.add_argument("version", help="a version (v0003) or 'latest', the newest registered one")
     promote.add_argument("--force", action="store_true", help="promote even if the gate refuses")
+    promote.set_defaults(func=_promote)
     rollback = commands.add_parser("rollback", parents=[common], help="make the previously current version (or --to) current again")
     rollback.add_argument("--to", help="version to make current")
-    register = commands.add_parser("register", parents=[common], help="evaluate a checkpoint on a validation set and add it as a new version")
+    rollback.set_defaults(func=_rollback)
+    register = commands.add_parser(
+        "register", parents=[common], help="evaluate a checkpoint on a validation set and add it as a new version"
+    )
     register.add_argument("--checkpoint", required=True, help="checkpoint name, path or URI")
     register.add_argument("--val", required=True, help="validation dataset URI (images/ + label.txt or *bbx_gt.txt)")
     register.add_argument("--val-gt", help="folder of the official wider_*_val.mat files")
     register.add_argument("--val-scale", default="long:640", help="detector input scale (default: long:640)")
+    register.set_defaults(func=_register)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> ExitCode:
+    """Run one sub-command; FAILED for a reported error, REFUSED when the gate refuses (``docs/exit_codes.md``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if "registry" not in args:
@@ -114,43 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = from_values(RegistrySettings, {k: v for k, v in vars(args).items() if k in flag_names(RegistrySettings)})
     registry = ModelRegistry(settings.registry, settings.s3)
     try:
-        if args.command == "list":
-            _list(registry)
-        elif args.command == "show":
-            version = args.version or registry.current()
-            if version is None:
-                raise RegistryError(f"{args.registry}: no current version")
-            entry = registry.get(version)
-            print(json.dumps({**entry.__dict__, "current": version == registry.current()}, indent=2))
-        elif args.command == "promote":
-            version = args.version
-            if version == "latest":
-                if not registry.versions():
-                    raise RegistryError(f"{args.registry}: no registered version")
-                version = registry.versions()[-1]
-            decision = registry.promote(version, force=args.force)
-            if decision.previous == decision.version:
-                print(f"unchanged: {decision.reason}")
-                return ExitCode.OK
-            verdict = "promoted" if decision.promoted else "refused"
-            print(f"{verdict} {decision.version} (previous: {decision.previous}): {decision.reason}")
-            return ExitCode.OK if decision.promoted else ExitCode.REFUSED
-        elif args.command == "rollback":
-            previous = registry.current()
-            target = registry.rollback(args.to)
-            if target == previous:
-                print(f"unchanged: {target} is already current, nothing to roll back")
-            else:
-                print(f"current: {target} (was {previous})")
-        else:
-            before = set(registry.versions())
-            entry = _register_checkpoint(registry, args.checkpoint, args.val, args.val_gt, args.val_scale, settings.s3)
-            verb = "already registered as" if entry.version in before else "registered"
-            print(f"{verb} {entry.version}: val AP easy / medium / hard {_format_ap(entry.val_ap)}")
+        return args.func(registry, args)
     except (RegistryError, CheckpointError, OSError) as exc:
         print(f"registry: error: {exc}", file=sys.stderr, flush=True)
         return ExitCode.FAILED
-    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ command); ``--max-failures`` restarts the worker group from it after a crash. At
 final model is registered under ``--registry`` (and promoted with ``--promote`` if it passes the
 gate). Fine-tuning from a checkpoint (any ``--init`` but ``scratch``) defaults to frozen
 BatchNorm, a small learning rate and no targets below the smallest anchors. Exit status: see
-:mod:`jobs._exit`. See ``docs/train.md``.
+``docs/exit_codes.md``. See ``docs/train.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -33,7 +34,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fsspec
 import pyarrow.fs
@@ -43,7 +44,7 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from retinaface_core.augment import TrainAugment
 from retinaface_core.config import RetinaFaceConfig, get_config
@@ -93,12 +94,34 @@ RAY_DEFAULT_STORAGE = "~/ray_results"  # where Ray Train puts runs without --sto
 class TrainConfig:
     """Train RetinaFace on a WIDER-format dataset with Ray Train."""
 
-    train: str = field(metadata={"help": "training dataset URI: a folder with images/ and label.txt or *bbx_gt.txt, or the annotation file"})
-    val: str | None = field(default=None, metadata={"help": "validation dataset URI (same layout); val AP is computed every epoch when given"})
-    val_gt: str | None = field(default=None, metadata={"help": "folder of the official wider_face_val.mat and wider_{easy,medium,hard}_val.mat (default: every val face counts at every level)"})
+    train: str = field(
+        metadata={"help": "training dataset URI: a folder with images/ and label.txt or *bbx_gt.txt, or the annotation file"}
+    )
+    val: str | None = field(
+        default=None, metadata={"help": "validation dataset URI (same layout); val AP is computed every epoch when given"}
+    )
+    val_gt: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "folder of the official wider_face_val.mat and wider_{easy,medium,hard}_val.mat (default: every val "
+                "face counts at every level)"
+            )
+        },
+    )
     val_scale: str = field(default="long:640", metadata={"help": "detector input scale for validation"})
-    init: str = field(default="mobilenet0.25-1mb", metadata={"help": "starting weights: a checkpoint name, path or URI, a model registry URI (its current version) or REGISTRY/vNNNN, or 'scratch'"})
-    arch: str | None = field(default=None, metadata={"help": "RetinaFace config name (default: the init checkpoint's; mobilenet0.25-1mb from scratch)"})
+    init: str = field(
+        default="mobilenet0.25-1mb",
+        metadata={
+            "help": (
+                "starting weights: a checkpoint name, path or URI, a model registry URI (its current version) or "
+                "REGISTRY/vNNNN, or 'scratch'"
+            )
+        },
+    )
+    arch: str | None = field(
+        default=None, metadata={"help": "RetinaFace config name (default: the init checkpoint's; mobilenet0.25-1mb from scratch)"}
+    )
     train_size: int | None = field(default=None, metadata={"help": "side of the square training crops (default: the config's train_size)"})
     num_workers: int = field(default=2, metadata={"help": "Ray Train workers"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
@@ -106,26 +129,53 @@ class TrainConfig:
     loader_workers: int = field(default=2, metadata={"help": "DataLoader processes per worker that decode and augment ahead of the step"})
     epochs: int = field(default=10, metadata={"help": "passes over the training data"})
     batch_size: int = field(default=8, metadata={"help": "images per step per worker"})
-    lr: float | None = field(default=None, metadata={"help": f"peak learning rate (default: {SCRATCH_LR:g} from scratch, {FINETUNE_LR:g} fine-tuning from --init)"})
+    lr: float | None = field(
+        default=None,
+        metadata={"help": f"peak learning rate (default: {SCRATCH_LR:g} from scratch, {FINETUNE_LR:g} fine-tuning from --init)"},
+    )
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=5e-4, metadata={"help": "weight decay (not on BatchNorm parameters and biases)"})
     warmup_epochs: float = field(default=1.0, metadata={"help": "epochs of linear learning-rate warm-up"})
     schedule: str = field(default="step", metadata={"help": "decay after warm-up", "choices": ["step", "cosine"]})
     box_weight: float = field(default=2.0, metadata={"help": "lambda1: weight of the box regression loss"})
     landmark_weight: float = field(default=1.0, metadata={"help": "lambda2: weight of the landmark regression loss"})
-    min_face_size: float | None = field(default=None, metadata={"help": f"drop faces smaller than this many pixels after resizing (default: {SCRATCH_MIN_FACE:g} from scratch, {FINETUNE_MIN_FACE:g} fine-tuning from --init)"})
-    freeze_bn: bool | None = field(default=None, metadata={"help": "freeze BatchNorm: running statistics and affine parameters (default: on when fine-tuning from --init, off from scratch)"})
-    augment: bool = field(default=True, metadata={"help": "random crop, photometric distortion, mirror; --no-augment only resizes (an overfitting sanity check)"})
+    min_face_size: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "drop faces smaller than this many pixels after resizing "
+                f"(default: {SCRATCH_MIN_FACE:g} from scratch, {FINETUNE_MIN_FACE:g} fine-tuning from --init)"
+            )
+        },
+    )
+    freeze_bn: bool | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "freeze BatchNorm: running statistics and affine parameters (default: on when fine-tuning from --init, off from scratch)"
+            )
+        },
+    )
+    augment: bool = field(
+        default=True,
+        metadata={"help": "random crop, photometric distortion, mirror; --no-augment only resizes (an overfitting sanity check)"},
+    )
     seed: int = field(default=0, metadata={"help": "augmentation and shuffling seed"})
-    storage: str | None = field(default=None, metadata={"help": "checkpoint storage URI shared by all nodes (default: Ray's ~/ray_results)"})
-    name: str | None = field(default=None, metadata={"help": "run name; a rerun with the same name and storage resumes (default: retinaface-<time>)"})
+    storage: str | None = field(
+        default=None, metadata={"help": "checkpoint storage URI shared by all nodes (default: Ray's ~/ray_results)"}
+    )
+    name: str | None = field(
+        default=None, metadata={"help": "run name; a rerun with the same name and storage resumes (default: retinaface-<time>)"}
+    )
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the latest checkpoint before the run fails"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in storage"})
     registry: str | None = field(default=None, metadata={"help": "model registry URI to register the final model in"})
     promote: bool = field(default=False, metadata={"help": "promote the registered model if its val AP is not lower on any level"})
     s3: StorageOptions = field(default_factory=StorageOptions, metadata={"flatten": "s3_"})
     progress_every: int = field(default=10, metadata={"help": "print a progress line every N steps of rank 0 (0: only one per epoch)"})
-    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join: auto, host:port, ray://... (default: $RAY_ADDRESS, else a new local Ray)"})
+    ray_address: str | None = field(
+        default=None, metadata={"help": "Ray cluster to join: auto, host:port, ray://... (default: $RAY_ADDRESS, else a new local Ray)"}
+    )
 
     def __post_init__(self) -> None:
         if self.name is None:
@@ -169,7 +219,7 @@ def _initial_model(cfg: TrainConfig, checkpoint: str | None) -> tuple[RetinaFace
 
 
 def _unwrap(model: torch.nn.Module) -> RetinaFace:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return cast(RetinaFace, model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -184,63 +234,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
 
-    init = loop_config["init"] if "init" in loop_config else resolve_init(cfg)
-    model, config = _initial_model(cfg, init)
+    model, config = _initial_model(cfg, loop_config["init"] if "init" in loop_config else resolve_init(cfg))
     model.train()
     if cfg.freeze_bn:
         # Before DDP wraps the model, so that it never waits for gradients these will not get.
         freeze_batchnorm(model)
-    size = cfg.train_size or config.train_size
-    dataset = WiderTrainDataset(
-        open_wider_dataset(cfg.train, storage=cfg.s3),
-        TrainAugment(
-            size=size,
-            mean_bgr=config.mean_bgr,
-            min_face_size=cfg.min_face_size,
-            crop=cfg.augment,
-            photometric=cfg.augment,
-            mirror_probability=0.5 if cfg.augment else 0.0,
-            random_interpolation=cfg.augment,
-        ),
-        seed=cfg.seed,
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        # Uneven last batches skew BatchNorm; a dataset smaller than one batch per worker keeps its one.
-        drop_last=len(dataset) >= cfg.batch_size * world,
-        num_workers=cfg.loader_workers,
-        collate_fn=collate_faces,
-        prefetch_factor=2 if cfg.loader_workers else None,
-    )
-    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
-    steps_per_epoch = len(loader)
-
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-        # Before wrapping, so that the keys never carry DDP's "module." prefix.
-        model.load_state_dict(state["model"])
+    dataset = _train_dataset(cfg, config)
+    loader = _train_loader(cfg, dataset, world)
+    state = _restore_model(model)
     model = ray.train.torch.prepare_model(model)
-    # Built after the model moved to its device, so that restored momentum lands there too.
-    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    schedule = Schedule(
-        total_steps=steps_per_epoch * cfg.epochs, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), kind=cfg.schedule
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    start_epoch = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"] + 1
+    optimizer, scheduler, start_epoch = _optimization(cfg, model, len(loader), state)
 
-    validation = _validation_data(cfg) if rank == 0 and cfg.val else None
-    progress = Progress(cfg.epochs, steps_per_epoch, cfg.progress_every, world) if rank == 0 else None
+    validation = _validation_data(cfg, cfg.val) if rank == 0 and cfg.val else None
+    progress = Progress(cfg.epochs, len(loader), cfg.progress_every, world) if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
-        if world > 1:
+        if isinstance(loader.sampler, DistributedSampler):  # what Ray gives each of several workers
             loader.sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step
@@ -253,22 +261,98 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             device,
             box_weight=cfg.box_weight,
             landmark_weight=cfg.landmark_weight,
-            freeze_batchnorm=cfg.freeze_bn,
+            freeze_batchnorm=bool(cfg.freeze_bn),
             on_step=progress.step_callback(epoch) if progress else None,
         )
         metrics = _epoch_metrics(local, world, epoch, start_epoch, lr)
-        if rank != 0:
+        if progress is None:
             ray.train.report(metrics)
-            continue
-        network = _unwrap(model)
-        if validation is not None:
-            val_dataset, ground_truth = validation
-            metrics["val_ap"] = validate(network, config, val_dataset, ground_truth, scale=cfg.val_scale, device=device)
-            metrics["val_data"] = validation_fingerprint(val_dataset, ground_truth)
-        log.info(progress.epoch_line(metrics))
-        with tempfile.TemporaryDirectory() as folder:
-            _write_checkpoint(Path(folder), network, optimizer, scheduler, epoch, cfg, metrics)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        else:
+            _report_checkpoint(cfg, _unwrap(model), optimizer, scheduler, epoch, metrics, validation, progress, device)
+
+
+def _train_dataset(cfg: TrainConfig, config: RetinaFaceConfig) -> WiderTrainDataset:
+    """The training set with the run's augmentation (``--no-augment``: resize only)."""
+    assert cfg.min_face_size is not None  # resolved by TrainConfig.__post_init__
+    augment = TrainAugment(
+        size=cfg.train_size or config.train_size,
+        mean_bgr=config.mean_bgr,
+        min_face_size=cfg.min_face_size,
+        crop=cfg.augment,
+        photometric=cfg.augment,
+        mirror_probability=0.5 if cfg.augment else 0.0,
+        random_interpolation=cfg.augment,
+    )
+    return WiderTrainDataset(open_wider_dataset(cfg.train, storage=cfg.s3), augment, seed=cfg.seed)
+
+
+def _train_loader(cfg: TrainConfig, dataset: WiderTrainDataset, world: int) -> DataLoader:
+    """This worker's share of ``dataset`` in shuffled batches, decoded ahead by ``--loader-workers`` processes."""
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        # Uneven last batches skew BatchNorm; a dataset smaller than one batch per worker keeps its one.
+        drop_last=len(dataset) >= cfg.batch_size * world,
+        num_workers=cfg.loader_workers,
+        collate_fn=collate_faces,
+        prefetch_factor=2 if cfg.loader_workers else None,
+    )
+    return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+
+
+def _restore_model(model: RetinaFace) -> dict[str, Any] | None:
+    """The run's latest checkpoint state (None on a first start), its weights loaded into
+    ``model``: before DDP wraps it, so that the keys never carry DDP's "module." prefix."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return state
+
+
+def _optimization(
+    cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int, state: dict[str, Any] | None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
+    """The optimizer, its learning-rate schedule and the first epoch to run, restored from ``state``.
+
+    Built after the model moved to its device, so that restored momentum lands there too.
+    """
+    assert cfg.lr is not None  # resolved by TrainConfig.__post_init__
+    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    schedule = Schedule(
+        total_steps=steps_per_epoch * cfg.epochs, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), kind=cfg.schedule
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if state is None:
+        return optimizer, scheduler, 0
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return optimizer, scheduler, state["epoch"] + 1
+
+
+def _report_checkpoint(
+    cfg: TrainConfig,
+    network: RetinaFace,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    metrics: dict[str, Any],
+    validation: tuple[WiderDataset, WiderValGroundTruth] | None,
+    progress: Progress,
+    device: torch.device,
+) -> None:
+    """Rank 0's end of an epoch: validate (with ``--val``), print the epoch line, report with a checkpoint."""
+    if validation is not None:
+        val_dataset, ground_truth = validation
+        metrics["val_ap"] = validate(network, network.config, val_dataset, ground_truth, scale=cfg.val_scale, device=device)
+        metrics["val_data"] = validation_fingerprint(val_dataset, ground_truth)
+    log.info(progress.epoch_line(metrics))
+    with tempfile.TemporaryDirectory() as folder:
+        _write_checkpoint(Path(folder), network, optimizer, scheduler, epoch, cfg, metrics)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
 def _format_duration(seconds: float) -> str:
@@ -320,8 +404,8 @@ class Progress:
         return line
 
 
-def _validation_data(cfg: TrainConfig) -> tuple[WiderDataset, WiderValGroundTruth]:
-    dataset = open_wider_dataset(cfg.val, storage=cfg.s3)
+def _validation_data(cfg: TrainConfig, val: str) -> tuple[WiderDataset, WiderValGroundTruth]:
+    dataset = open_wider_dataset(val, storage=cfg.s3)
     ground_truth = read_ground_truth_mat(cfg.val_gt, cfg.s3) if cfg.val_gt else ground_truth_from_dataset(dataset)
     return dataset, ground_truth
 
@@ -381,9 +465,7 @@ def storage_filesystem(cfg: TrainConfig) -> tuple[str | None, pyarrow.fs.FileSys
         return None, None
     protocol = fsspec.utils.get_protocol(cfg.storage)
     if protocol in S3_PROTOCOLS and cfg.s3 != StorageOptions():
-        fs = pyarrow.fs.S3FileSystem(
-            endpoint_override=cfg.s3.endpoint_url, anonymous=cfg.s3.anonymous, region=cfg.s3.region
-        )
+        fs = pyarrow.fs.S3FileSystem(endpoint_override=cfg.s3.endpoint_url, anonymous=cfg.s3.anonymous, region=cfg.s3.region)
         return cfg.storage.split("://", 1)[1], fs
     if protocol in ("file", "local", *S3_PROTOCOLS, "gs", "gcs", "hdfs", "abfs", "abfss"):
         return cfg.storage, None
@@ -405,9 +487,7 @@ def build_trainer(
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
-        ),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=storage_path,
@@ -418,8 +498,8 @@ def build_trainer(
     )
 
 
-def register_result(cfg: TrainConfig, checkpoint: Checkpoint) -> dict[str, Any]:
-    """Register the run's final model under ``--registry`` (and promote it with ``--promote``).
+def register_result(cfg: TrainConfig, checkpoint: Checkpoint, registry_uri: str) -> dict[str, Any]:
+    """Register the run's final model under ``registry_uri`` (``--registry``; promoted with ``--promote``).
 
     A rerun of a finished run finds its weights already registered and reuses that version.
     """
@@ -427,7 +507,7 @@ def register_result(cfg: TrainConfig, checkpoint: Checkpoint) -> dict[str, Any]:
         model_bytes = (Path(folder) / MODEL_FILE).read_bytes()
         stored = json.loads((Path(folder) / CONFIG_FILE).read_text())
         metrics = json.loads((Path(folder) / "metrics.json").read_text())
-    if "val_ap" in metrics:
+    if "val_ap" in metrics and cfg.val:  # val AP is measured only with --val
         metrics["val"] = validation_record(
             metrics["val_ap"],
             val=cfg.val,
@@ -436,7 +516,7 @@ def register_result(cfg: TrainConfig, checkpoint: Checkpoint) -> dict[str, Any]:
             fingerprint=metrics.get("val_data"),
             storage=cfg.s3,
         )
-    registry = ModelRegistry(cfg.registry, cfg.s3)
+    registry = ModelRegistry(registry_uri, cfg.s3)
     before = set(registry.versions())
     entry = registry.register(
         model_bytes,
@@ -458,6 +538,7 @@ def register_result(cfg: TrainConfig, checkpoint: Checkpoint) -> dict[str, Any]:
 
 def run_uri(cfg: TrainConfig) -> str:
     """Where the run's checkpoints are, as a URI ``--init`` and ``--checkpoint`` accept."""
+    assert cfg.name is not None  # resolved by TrainConfig.__post_init__
     root = cfg.storage.rstrip("/") if cfg.storage else str(Path(RAY_DEFAULT_STORAGE).expanduser())
     return posixpath.join(root, cfg.name)
 
@@ -471,13 +552,12 @@ def prune_checkpoints(cfg: TrainConfig, result: ray.train.Result | None = None) 
     says, and with nothing committed there every checkpoint folder is unfinished. Call it only
     while the run is not running.
     """
+    assert cfg.name is not None  # resolved by TrainConfig.__post_init__
     storage_path, storage_fs = storage_filesystem(cfg)
     run_path = posixpath.join(storage_path or str(Path(RAY_DEFAULT_STORAGE).expanduser()), cfg.name)
     if result is None:
-        try:
+        with contextlib.suppress(RuntimeError):  # no run folder, or no checkpoint committed yet
             result = ray.train.Result.from_path(run_path, storage_filesystem=storage_fs)
-        except RuntimeError:
-            pass  # no run folder, or no checkpoint committed yet
     if result is not None:
         fs, folder = result.filesystem, result.path
         keep = {posixpath.basename(checkpoint.path) for checkpoint, _ in result.best_checkpoints or []}
@@ -518,7 +598,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "pruned_checkpoints": pruned,
     }
     if cfg.registry:
-        summary["registry"] = register_result(cfg, result.checkpoint)
+        summary["registry"] = register_result(cfg, result.checkpoint, cfg.registry)
     return summary
 
 
@@ -548,7 +628,7 @@ def exit_code(summary: dict[str, Any]) -> ExitCode:
     return ExitCode.REFUSED if summary.get("registry", {}).get("promoted") is False else ExitCode.OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> ExitCode:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(TrainConfig, argv)
     print("jobs.train settings:\n" + format_config(cfg), flush=True)
@@ -559,7 +639,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"\ninterrupted; the latest checkpoint under {run_uri(cfg)} is kept"
             + (f" ({len(pruned)} unfinished removed)" if pruned else "")
-            + ". Resume with the same command:\n  python -m jobs.train " + shlex.join(argv),
+            + ". Resume with the same command:\n  python -m jobs.train "
+            + shlex.join(argv),
             file=sys.stderr,
             flush=True,
         )

@@ -16,9 +16,7 @@ def feature_map_sizes(height: int, width: int, steps: Sequence[int]) -> list[tup
     return [(math.ceil(height / s), math.ceil(width / s)) for s in steps]
 
 
-def generate_priors(
-    height: int, width: int, min_sizes: Sequence[Sequence[int]], steps: Sequence[int]
-) -> Tensor:
+def generate_priors(height: int, width: int, min_sizes: Sequence[Sequence[int]], steps: Sequence[int]) -> Tensor:
     """Square anchors for an input of ``height`` x ``width`` pixels.
 
     Returns:

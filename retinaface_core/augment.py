@@ -50,13 +50,13 @@ class Faces:
         return len(self.boxes)
 
     @classmethod
-    def empty(cls) -> "Faces":
+    def empty(cls) -> Faces:
         return cls(np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros(0, bool))
 
-    def select(self, mask: np.ndarray) -> "Faces":
+    def select(self, mask: np.ndarray) -> Faces:
         return Faces(self.boxes[mask], self.landmarks[mask], self.has_landmarks[mask])
 
-    def transformed(self, scale: float | np.ndarray = 1.0, offset: float | np.ndarray = 0.0) -> "Faces":
+    def transformed(self, scale: float | np.ndarray = 1.0, offset: float | np.ndarray = 0.0) -> Faces:
         """Faces with every point p mapped to ``p * scale + offset`` (per-axis arrays of shape (2,) allowed)."""
         scale = np.asarray(scale, np.float32)
         offset = np.asarray(offset, np.float32)
@@ -84,7 +84,7 @@ def random_square_crop(
     short_side = min(height, width)
     centres = (faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2
     for _ in range(max_tries):
-        side = int(scales[rng.integers(len(scales))] * short_side)
+        side = int(scales[int(rng.integers(len(scales)))] * short_side)
         if side < 1:
             continue
         left = int(rng.integers(width - side)) if width > side else 0

@@ -61,13 +61,13 @@ class RetinaFaceConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RetinaFaceConfig":
+    def from_dict(cls, data: dict[str, Any]) -> RetinaFaceConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown RetinaFace config fields: {sorted(unknown)}")
         tuple_fields = {"steps", "variances", "mean_bgr"}
-        values = {k: tuple(v) if k in tuple_fields else v for k, v in data.items()}
+        values: dict[str, Any] = {k: tuple(v) if k in tuple_fields else v for k, v in data.items()}
         if "min_sizes" in values:
             values["min_sizes"] = tuple(tuple(level) for level in values["min_sizes"])
         return cls(**values)

@@ -166,7 +166,9 @@ def match_predictions(pred_xywh: np.ndarray, gt_xywh: np.ndarray, iou_threshold:
     >= ``iou_threshold``, whether or not another prediction took it already.
     Returns int64 (N,).
     """
-    iou = box_iou_plus_one(box_convert(pred_xywh.astype(np.float64), "xywh", "xyxy"), box_convert(gt_xywh.astype(np.float64), "xywh", "xyxy"))
+    iou = box_iou_plus_one(
+        box_convert(pred_xywh.astype(np.float64), "xywh", "xyxy"), box_convert(gt_xywh.astype(np.float64), "xywh", "xyxy")
+    )
     best = iou.argmax(axis=1)
     return np.where(iou[np.arange(len(iou)), best] >= iou_threshold, best, -1)
 

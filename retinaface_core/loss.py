@@ -23,7 +23,7 @@ from .box_coding import box_convert, encode_boxes, encode_landmarks
 from .model import RetinaFaceOutput
 
 # Matching builds a (B, G, A) IoU tensor; above this many elements it runs a few images at a
-# time (a 640x640 crowd crop can keep ~1,000 faces against 16,800 anchors).
+# time, since a crowd crop keeps many faces against every anchor of the training size.
 _MATCH_CHUNK_ELEMENTS = 1 << 23
 
 
@@ -43,7 +43,7 @@ class FaceTargets:
     has_landmarks: Tensor
     valid: Tensor
 
-    def to(self, device: torch.device | str) -> "FaceTargets":
+    def to(self, device: torch.device | str) -> FaceTargets:
         return FaceTargets(*(t.to(device) for t in (self.boxes, self.landmarks, self.has_landmarks, self.valid)))
 
 
@@ -194,9 +194,7 @@ def multibox_loss(
         targets.landmarks[pos_batch[with_landmarks], pos_gt[with_landmarks]], pos_priors[with_landmarks], variances
     )
     landmark_predictions = output.landmarks[positive][with_landmarks].float()
-    landmark_loss = F.smooth_l1_loss(landmark_predictions, landmark_targets, reduction="sum") / with_landmarks.sum().clamp(
-        min=1
-    ).float()
+    landmark_loss = F.smooth_l1_loss(landmark_predictions, landmark_targets, reduction="sum") / with_landmarks.sum().clamp(min=1).float()
 
     logits = output.logits.float()
     with torch.no_grad():

@@ -9,7 +9,7 @@ so that its published checkpoints load strictly: ``body.stage1.0.0.weight`` (Mob
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -259,7 +259,7 @@ def _fuse(model: RetinaFace) -> tuple[RetinaFace, dict[nn.Module, tuple[Tensor, 
 def fuse_batchnorm(model: RetinaFace) -> RetinaFace:
     """Return an eval-mode copy with every BatchNorm folded into the preceding convolution.
 
-    The copy computes the same function (up to float rounding) with ~40% fewer kernels;
+    The copy computes the same function (up to float rounding) without a kernel per BatchNorm;
     its state_dict no longer has the published layout, so load weights before fusing.
     """
     return _fuse(model)[0]
@@ -273,8 +273,11 @@ def _merge_heads(heads: tuple[_Head, ...], num_anchors: int) -> nn.Conv2d:
     for anchor in range(num_anchors):
         for head in heads:
             rows = slice(anchor * head.width, (anchor + 1) * head.width)
+            bias = head.conv1x1.bias
+            assert bias is not None  # nn.Conv2d's default, which the heads keep
             weights.append(head.conv1x1.weight[rows])
-            biases.append(head.conv1x1.bias[rows])
+            biases.append(bias[rows])
+    assert merged.bias is not None
     with torch.no_grad():
         merged.weight.copy_(torch.cat(weights))
         merged.bias.copy_(torch.cat(biases))
@@ -298,7 +301,7 @@ class InferenceRetinaFace(nn.Module):
         self.ssh = nn.ModuleList([fused.ssh1, fused.ssh2, fused.ssh3])
         self.widths = (4, 2, 10)
         self.heads = nn.ModuleList(
-            _merge_heads(level_heads, model.config.anchors_per_location)
+            _merge_heads(cast("tuple[_Head, ...]", level_heads), model.config.anchors_per_location)
             for level_heads in zip(fused.BboxHead, fused.ClassHead, fused.LandmarkHead)
         )
         self.eval()
@@ -336,11 +339,11 @@ def correct_rounding_bias(network: InferenceRetinaFace, dtype: torch.dtype, size
     pair of inputs in which every fused convolution's output is drawn from the distribution its
     folded BatchNorm was trained to produce, N(beta, gamma^2) per channel, so the activations,
     additions, upsampling and concatenations between layers shape the means as in the network.
-    Rounding errors are then zero-mean per channel instead of a fixed offset: on the shared WIDER
-    val images, bf16 without the correction lost 0.55 pt Medium AP on average over five scales.
+    Rounding errors are then zero-mean per channel instead of a fixed offset, which a cast
+    without the correction leaves, costing AP (``docs/annotate.md``, "Batching, precision and GPUs").
     """
     generator = torch.Generator().manual_seed(seed)
-    means: dict[nn.Conv2d, Tensor] = {}
+    means: dict[nn.Module, Tensor] = {}
 
     def record(conv: nn.Module, args: tuple[Tensor, ...]) -> None:
         means[conv] = args[0].mean(dim=(0, 2, 3))

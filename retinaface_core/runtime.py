@@ -18,12 +18,12 @@ _MIB = 1 << 20
 def keep_freed_memory(mmap_threshold: int = 32 * _MIB, trim_threshold: int = 512 * _MIB) -> bool:
     """Make glibc's malloc keep freed blocks for reuse instead of handing them back to the OS.
 
-    A forward pass allocates and frees tens of MiB of activations. With glibc's defaults, blocks
+    A forward pass allocates and frees large activation buffers. With glibc's defaults, blocks
     above its (moving) mmap threshold come from fresh ``mmap`` pages and a freed heap top is
-    trimmed, so every call page-faults its way through new memory again: a 640x640
-    MobileNet-0.25 forward measured 27-33 ms that way on 2 cores against 23 ms with the
-    thresholds pinned. This is what jemalloc or tcmalloc, which PyTorch's CPU performance guide
-    recommends preloading, do; resident memory stays at the high-water mark of one pass.
+    trimmed, so every call page-faults its way through new memory again, a cost of the same
+    order as the arithmetic of a small network's pass (``docs/annotate.md``, "Figures behind
+    the code's choices"). This is what jemalloc or tcmalloc, which PyTorch's CPU performance
+    guide recommends preloading, do; resident memory stays at the high-water mark of one pass.
 
     Process-wide and idempotent; returns False (and changes nothing) where the C library is not
     glibc. ``mmap_threshold`` may be at most 32 MiB on 64-bit glibc.
@@ -31,9 +31,7 @@ def keep_freed_memory(mmap_threshold: int = 32 * _MIB, trim_threshold: int = 512
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
-    )
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
 def bound_kernel_caches(entries: int = 256) -> None:
@@ -42,10 +40,10 @@ def bound_kernel_caches(entries: int = 256) -> None:
     PyTorch's CPU convolutions cache a compiled oneDNN primitive per layer and input shape, in
     ideep's LRU (``LRU_CACHE_CAPACITY``) and oneDNN's own (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``),
     1,024 entries each by default. Photos of ever new sizes (``original`` or ``long:N``) fill
-    them: a process's memory grew by 200-240 MiB over 1,000 image sizes with the defaults and
-    levelled off at +77 MiB with 256 entries, several shapes' worth of RetinaFace's ~50
-    convolutions, which leaves a fixed ``square:N`` as fast as before (at 16 entries it
-    re-creates primitives on every pass and loses 25 %).
+    them, so a process's memory grows with every new size. ``entries`` (256 by default) holds
+    several shapes' worth of RetinaFace's convolutions: memory levels off, and a fixed
+    ``square:N`` keeps every primitive it needs, where a much smaller cap would re-create
+    primitives on every pass (``docs/annotate.md``, "Figures behind the code's choices").
 
     Both libraries read the variables when they first build a primitive: call this before the
     process's first convolution. Environment variables already set are left as they are.

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .anchors import cached_priors
-from .box_coding import box_convert
 from .augment import Faces, TrainAugment
+from .box_coding import box_convert
 from .config import RetinaFaceConfig
 from .detector import Detector
 from .evaluation import evaluate
@@ -32,8 +32,8 @@ from .image_io import DEFAULT_MAX_PIXELS, read_image
 from .loss import FaceTargets, LossComponents, multibox_loss
 from .model import RetinaFace
 from .preprocessing import to_network_input
-from .weights import LoadedWeights
 from .storage import StorageOptions, filesystem
+from .weights import LoadedWeights
 from .widerface import LEVELS, WiderImage, WiderValGroundTruth, read_bbx_gt, read_label_txt, submission_rows
 
 
@@ -174,7 +174,8 @@ def model_checkpoint_bytes(model: RetinaFace) -> bytes:
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     """SGD with momentum as in the reference; no weight decay on BatchNorm parameters and biases."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for parameter in model.parameters():
         (no_decay if parameter.ndim <= 1 else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -211,7 +212,7 @@ class EpochStats:
         )
 
     @classmethod
-    def from_vector(cls, vector: Tensor) -> "EpochStats":
+    def from_vector(cls, vector: Tensor) -> EpochStats:
         values = vector.tolist()
         names = ("total", "cls", "box", "landmark")
         return cls(dict(zip(names, values[:4])), int(values[4]), int(values[5]), int(values[6]), values[7], values[8])
@@ -314,7 +315,7 @@ def _evaluation_name(name: str) -> str:
 
 
 def validate(
-    model: nn.Module,
+    model: RetinaFace,
     config: RetinaFaceConfig,
     dataset: WiderDataset,
     ground_truth: WiderValGroundTruth,

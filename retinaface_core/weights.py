@@ -150,9 +150,7 @@ def resolve_weights(weights: str | None = None, *, download: bool = True) -> tup
         return str(_locate_named(entry, download=download)), entry
     if _is_uri_or_path(spec):
         return spec, None
-    raise CheckpointError(
-        f"unknown checkpoint {spec!r}: not a registered name ({', '.join(sorted(PRETRAINED))}) nor a path or URI"
-    )
+    raise CheckpointError(f"unknown checkpoint {spec!r}: not a registered name ({', '.join(sorted(PRETRAINED))}) nor a path or URI")
 
 
 def _locate_named(entry: PretrainedWeights, *, download: bool) -> Path:

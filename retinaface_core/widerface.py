@@ -40,14 +40,13 @@ already leave them out.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
-
-import io
 
 import numpy as np
 from scipy.io import loadmat
@@ -123,7 +122,7 @@ class WiderImage:
             and np.array_equal(self.boxes, other.boxes)
             and np.array_equal(self.landmarks, other.landmarks, equal_nan=True)
             and np.array_equal(self.has_landmarks, other.has_landmarks)
-            and (self.attributes is None or np.array_equal(self.attributes, other.attributes))
+            and (self.attributes is None or (other.attributes is not None and np.array_equal(self.attributes, other.attributes)))
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -496,9 +495,7 @@ def _degenerate_mask(uri: str, lines: list[int], xywh: np.ndarray, policy: Degen
         negative = np.flatnonzero(np.any(sizes < 0, axis=1))
         if negative.size:
             w, h = xywh[negative[0], 2:]
-            raise WiderFormatError(
-                uri, lines[negative[0]], f"negative box size w={w:g} h={h:g} (degenerate='drop' or 'keep' accepts it)"
-            )
+            raise WiderFormatError(uri, lines[negative[0]], f"negative box size w={w:g} h={h:g} (degenerate='drop' or 'keep' accepts it)")
     elif policy != "drop":
         raise ValueError(f"degenerate must be 'strict', 'drop' or 'keep', got {policy!r}")
     return np.all(sizes > 0, axis=1)

@@ -28,9 +28,8 @@ from PIL import Image
 from jobs.annotate.worker import decode_ahead
 from jobs._config import from_values
 from jobs._samples import generated_images
-from jobs._exit import JobError
+from jobs._exit import ExitCode, JobError
 from jobs.annotate import AnnotateConfig, main, run
-from jobs.annotate.cli import EXIT_SHARDS_FAILED
 from jobs.annotate.shards import make_shards
 from retinaface_core.image_io import fetch_image
 from retinaface_core.storage import filesystem
@@ -122,7 +121,7 @@ def test_failed_commits_are_retried_and_persistent_ones_reported(ray_session, pr
         "--input", f"s3://{bucket}/", "--output", output, "--s3-endpoint-url", proxy.endpoint, "--images-per-shard", "2",
         "--scale", "long:320", "--actors", "1", "--torch-threads", "1", "--retry-backoff", "0.05", "--run-id", "flaky",
     ]  # fmt: skip
-    assert main(argv) == EXIT_SHARDS_FAILED
+    assert main(argv) == ExitCode.SHARDS_FAILED == 3
     err = capsys.readouterr().err
     assert f"1 of {len(shards)} shards did not commit after 3 attempts ({broken}:" in err and "rerun" in err
     summary = json.loads(fsspec.filesystem("s3").cat_file(f"{bucket}/out/_runs/flaky/summary.json"))

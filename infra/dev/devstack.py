@@ -99,8 +99,9 @@ def spawn(command: list[str], log: str, env: dict[str, str] | None = None) -> su
     # `ray job submit -- python ...` runs `python` from the head's PATH: make it this interpreter.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     with open(STATE_DIR / log, "ab") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PATH": path, **(env or {})})
+        return subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PATH": path, **(env or {})}
+        )
 
 
 def up(num_cpus: int) -> None:
@@ -115,19 +116,35 @@ def up(num_cpus: int) -> None:
     s3 = spawn(server_command(state["s3_port"]), "s3.log")
     state["s3_pid"] = s3.pid
     ray = spawn(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats",
-         f"--port={state['ray_port']}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={state['dashboard_port']}", f"--num-cpus={num_cpus}"],
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            f"--port={state['ray_port']}",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={state['dashboard_port']}",
+            f"--num-cpus={num_cpus}",
+        ],
         # Workers inherit the head's environment: they reach the same S3 endpoint as the user.
-        "ray.log", env={k: v for k, v in environment(state).items() if not k.startswith("RAY_ADDRESS")},
+        "ray.log",
+        env={k: v for k, v in environment(state).items() if not k.startswith("RAY_ADDRESS")},
     )
     state["ray_pid"] = ray.pid
     STATE_FILE.write_text(json.dumps(state))
     wait_for(lambda: http_ok(f"http://127.0.0.1:{state['s3_port']}/"), "the S3 endpoint", 30)
     urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{state['s3_port']}/{BUCKET}", method="PUT"))
     wait_for(lambda: http_ok(f"http://127.0.0.1:{state['dashboard_port']}/api/version"), "the Ray head", 120)
-    print(f"# devstack up: S3 at http://127.0.0.1:{state['s3_port']} (bucket s3://{BUCKET}), "
-          f"Ray at 127.0.0.1:{state['ray_port']}, dashboard http://127.0.0.1:{state['dashboard_port']}", file=sys.stderr)
+    print(
+        f"# devstack up: S3 at http://127.0.0.1:{state['s3_port']} (bucket s3://{BUCKET}), "
+        f"Ray at 127.0.0.1:{state['ray_port']}, dashboard http://127.0.0.1:{state['dashboard_port']}",
+        file=sys.stderr,
+    )
     print_env(state)
 
 

@@ -12,7 +12,7 @@ def uri_digests(uris: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """The 128-bit BLAKE2b digest of each URI's UTF-8 bytes, shape (n, 2) uint64: 16 B per URI.
     Two different URIs share one with probability about n^2 / 2^129 (1e-23 at 10^8 URIs)."""
     chunks = uris.chunks if isinstance(uris, pa.ChunkedArray) else [uris]
-    # A slice at a time: its Python strings and digests cost ~150 B per URI while they live.
+    # A slice at a time: its Python strings and digests live only while that slice is hashed.
     slices = (chunk.slice(start, 1 << 16) for chunk in chunks for start in range(0, len(chunk), 1 << 16))
     parts = [
         np.frombuffer(b"".join([hashlib.blake2b(u.encode(), digest_size=16).digest() for u in piece.to_pylist()]), np.uint64)
@@ -23,8 +23,8 @@ def uri_digests(uris: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 class DigestSet:
     """URI digests (see :func:`uri_digests`) kept sorted, for finding many at once: 24 B per
-    member (first and second halves, and the member's index), where Arrow's hash set of the
-    URIs themselves costs ~130 B."""
+    member (first and second halves, and the member's index), a fraction of what a hash set of
+    the URIs themselves holds (``docs/annotate.md``, "Figures behind the code's choices")."""
 
     def __init__(self, digests: np.ndarray) -> None:
         self.order = np.argsort(digests[:, 0])
@@ -35,8 +35,8 @@ class DigestSet:
 
     def find(self, digests: np.ndarray) -> np.ndarray:
         """The index (in the order the members were given) of each of ``digests`` (n, 2), -1
-        where absent. Queries are sorted first: binary searches in order walk memory in order
-        (measured 30x faster than random ones for 10^7 of them)."""
+        where absent. Queries are sorted first: binary searches in order walk memory in order,
+        so the CPU's caches serve them, where random ones miss on every step."""
         result = np.full(len(digests), -1, np.int64)
         if not len(self.hi) or not len(digests):
             return result

@@ -52,8 +52,8 @@ from .shards import make_shards, shard_table
 if TYPE_CHECKING:
     import ray.data
 
-# ~2e6 URIs (~100-200 MB of Arrow strings, both sides) per anti-join group: a group is held
-# whole by one task.
+# URIs per anti-join group (both sides): a group is held whole by one task, so this bounds a
+# task's memory to that many URIs' strings.
 JOIN_GROUP_ROWS = 2_000_000
 # Shards' worth of new URIs per cutting group: each group's last shard may be short, so this
 # bounds the short files to 1 in CUT_GROUP_SHARDS.
@@ -62,8 +62,8 @@ CUT_GROUP_SHARDS = 100
 # Blocks of file names, so read tasks each read a run of files; the driver holds this many
 # block references, whatever the number of files.
 READ_TASKS = 256
-# URIs per block the read tasks yield (~4 MB): well above Ray's 100 KB limit for results held
-# in the driver's memory.
+# URIs per block the read tasks yield: blocks far above Ray's 100 KB limit for results held in
+# the driver's memory.
 BLOCK_ROWS = 1 << 16
 
 S3_INVENTORY_FORMATS = ("CSV", "Parquet")

@@ -69,6 +69,22 @@ def run(config: AnnotateConfig) -> dict:
         raise
     except Exception as exc:  # a store or registry failing after its client's own retries
         raise JobError(redact(f"{type(exc).__name__}: {exc}")) from exc
+    _print_plan(plan)
+    results = run_pipeline(config, run_id, plan) if len(plan.new) or plan.retry else []
+    summary = summarise(run_id, plan, results, time.perf_counter() - start)
+    plan.store.write_json(f"_runs/{run_id}/summary.json", summary)
+    _print_summary(summary)
+    failed = summary["shards_failed"]
+    if failed:
+        listed = "; ".join(f"{shard}: {error}" for shard, error in list(failed.items())[:5])
+        raise ShardsFailed(
+            f"{len(failed)} of {plan.todo} shards did not commit after {config.shard_attempts} attempts ({listed}); "
+            "the others are committed: rerun the same command to do the rest"
+        )
+    return summary
+
+
+def _print_plan(plan: Plan) -> None:
     print(
         f"{plan.listed} images listed, {plan.listed - len(plan.new)} already annotated in {plan.committed} committed shards, "
         f"{len(plan.new)} new; {len(plan.retry)} shards to redo for storage errors",
@@ -81,9 +97,9 @@ def run(config: AnnotateConfig) -> dict:
             "their rows stay in the output",
             flush=True,
         )
-    results = run_pipeline(config, run_id, plan) if len(plan.new) or plan.retry else []
-    summary = summarise(run_id, plan, results, time.perf_counter() - start)
-    plan.store.write_json(f"_runs/{run_id}/summary.json", summary)
+
+
+def _print_summary(summary: dict) -> None:
     print(
         f"annotate: {summary['images']} images, {summary['faces']} faces, {summary['errors']} errors "
         f"in {summary['seconds']:.1f} s = {summary['images_per_second']:.2f} images/s; "
@@ -99,11 +115,3 @@ def run(config: AnnotateConfig) -> dict:
             "(error_kind 'storage'); rerun the same command to retry just those",
             flush=True,
         )
-    failed = summary["shards_failed"]
-    if failed:
-        listed = "; ".join(f"{shard}: {error}" for shard, error in list(failed.items())[:5])
-        raise ShardsFailed(
-            f"{len(failed)} of {plan.todo} shards did not commit after {config.shard_attempts} attempts ({listed}); "
-            "the others are committed: rerun the same command to do the rest"
-        )
-    return summary

@@ -23,7 +23,7 @@ from .._model import ModelIdentity, resolve_model_identity
 from .config import AnnotateConfig
 from .digests import DigestSet, uri_digests
 from .inventory import open_inventory, plan_inventory, union
-from .output import OutputStore, settings_fingerprint
+from .output import OutputListing, OutputStore, settings_fingerprint
 from .shards import Shard, make_shards, shard_table
 
 if TYPE_CHECKING:
@@ -107,24 +107,7 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
     that cannot be written, or an output written with other settings (by an earlier run, by a
     concurrent one, or found in a shard's own name).
     """
-    if config.batch_size < 1 or (config.actors is not None and config.actors < 1):
-        raise JobError("--batch-size and --actors must be >= 1")
-    if config.num_cpus_per_actor <= 0 and config.num_gpus_per_actor <= 0:
-        raise JobError("an actor needs --num-cpus-per-actor > 0 or --num-gpus-per-actor > 0")
-    if (
-        min(
-            config.images_per_shard,
-            config.read_attempts,
-            config.shard_attempts,
-            config.max_bytes,
-            config.decode_window_mb,
-            config.decode_threads,
-        )
-        < 1
-    ):
-        raise JobError(
-            "--images-per-shard, --read-attempts, --shard-attempts, --max-bytes, --decode-window-mb and --decode-threads must be >= 1"
-        )
+    check_config(config)
     model, _ = resolve_model_identity(config.detector, config.s3)
     store = OutputStore(config.output, config.s3)
     store.check_writable()
@@ -133,6 +116,41 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
     if config.overwrite:
         store.clear()
     settings = output_settings(config, model)
+    listing = claim_output(store, settings, config.output)
+    # What is already annotated comes from the output itself (its uri column), so a grown input
+    # gets only its new objects annotated, in new shards, and no URI is ever annotated twice.
+    new: NewImages
+    if inventory is not None:
+        init_ray(config.ray_address)
+        found = plan_inventory(inventory, [store.shard_path(s, fp) for s, fp in sorted(listing.committed.items())], store.fs)
+        listed, new, removed, examples = found.listed, found.new, found.removed, found.removed_examples
+    else:
+        assert uris is not None
+        listed = len(uris)
+        new, removed, examples = split_listing(uris, store, listing.committed)
+        del uris  # the new ones are what the run keeps
+    retry_ids = sorted(listing.retry & listing.committed.keys())
+    retry = {shard: store.read_uris({shard: listing.committed[shard]}).to_pylist() for shard in retry_ids}
+    store.write_json(f"_runs/{run_id}/config.json", {"run_id": run_id, **config_dict(config)})
+    return Plan(store, listed, len(listing.committed), new, retry, removed, examples, settings, model)
+
+
+def check_config(config: AnnotateConfig) -> None:
+    """:class:`JobError` for settings out of range, before anything is read."""
+    if config.batch_size < 1 or (config.actors is not None and config.actors < 1):
+        raise JobError("--batch-size and --actors must be >= 1")
+    if config.num_cpus_per_actor <= 0 and config.num_gpus_per_actor <= 0:
+        raise JobError("an actor needs --num-cpus-per-actor > 0 or --num-gpus-per-actor > 0")
+    counts = (config.images_per_shard, config.read_attempts, config.shard_attempts, config.max_bytes)
+    if min(*counts, config.decode_window_mb, config.decode_threads) < 1:
+        raise JobError(
+            "--images-per-shard, --read-attempts, --shard-attempts, --max-bytes, --decode-window-mb and --decode-threads must be >= 1"
+        )
+
+
+def claim_output(store: OutputStore, settings: dict, output: str) -> OutputListing:
+    """The listing of ``store`` (``--output``), once its ``_dataset.json`` and every committed
+    shard are known to be made with ``settings``; :class:`JobError` naming the difference otherwise."""
     # The first run to create _dataset.json owns the output; a concurrent run that lost the race
     # reads the winner's settings here and is refused below if they differ.
     if not store.create_json(OutputStore.DATASET, settings):
@@ -140,7 +158,7 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
         changed = sorted(k for k in comparable(settings).keys() | comparable(stored).keys() if stored.get(k) != settings.get(k))
         if changed:
             raise JobError(
-                f"output {config.output} holds results made with other settings ({', '.join(changed)}: "
+                f"output {output} holds results made with other settings ({', '.join(changed)}: "
                 f"{ {k: stored.get(k) for k in changed} } vs { {k: settings.get(k) for k in changed} }); "
                 "use --overwrite to start over, or another --output"
             )
@@ -151,28 +169,15 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
         shard, fp = next(iter(sorted(mixed.items())))
         found = store.read_settings(shard, fp)
         raise JobError(
-            f"output {config.output} holds {len(mixed)} committed shards made with other settings than "
+            f"output {output} holds {len(mixed)} committed shards made with other settings than "
             f"_dataset.json says (e.g. shard {shard}: {found or 'written by an older version'}); "
             "use --overwrite to start over, or another --output"
         )
-    # What is already annotated comes from the output itself (its uri column), so a grown input
-    # gets only its new objects annotated, in new shards, and no URI is ever annotated twice.
-    if inventory is not None:
-        init_ray(config.ray_address)
-        found = plan_inventory(inventory, [store.shard_path(s, fp) for s, fp in sorted(listing.committed.items())], store.fs)
-        listed, new, removed, examples = found.listed, found.new, found.removed, found.removed_examples
-    else:
-        listed = len(uris)
-        new, removed, examples = split_listing(uris, store, listing.committed)
-        del uris  # the new ones are what the run keeps
-    retry_ids = sorted(listing.retry & listing.committed.keys())
-    retry = {shard: store.read_uris({shard: listing.committed[shard]}).to_pylist() for shard in retry_ids}
-    store.write_json(f"_runs/{run_id}/config.json", {"run_id": run_id, **config_dict(config)})
-    return Plan(store, listed, len(listing.committed), new, retry, removed, examples, settings, model)
+    return listing
 
 
 # Committed URIs looked up at once: enough that the sorted queries walk the listing's digests
-# in order, few enough to hold (~15 MB with their strings).
+# in order, few enough that a round's strings stay small beside the listing's digests.
 LOOKUP_ROWS = 1 << 18
 
 
@@ -182,13 +187,13 @@ def split_listing(uris: pa.ChunkedArray, store: OutputStore, committed: dict[str
 
     Compared by digest (:class:`DigestSet`): the listing's digests are kept (24 B per URI, 40
     at the peak while they are sorted) and the committed ``uri`` columns are streamed past them
-    ``LOOKUP_ROWS`` at a time. Measured with the listing, all committed, at 3*10^6 URIs: 105 B
-    per URI at the peak, where Arrow's ``is_in`` needed 255 (the committed URIs, a copy and a
-    hash set of them; ``benchmarks/bench_plan.py``).
+    ``LOOKUP_ROWS`` at a time, so the committed URIs are never all held, nor copied into a hash
+    set as Arrow's ``is_in`` would (``docs/annotate.md``, "Scale notes and limits", has the
+    driver memory of both, from ``benchmarks/bench_plan.py``).
     """
     listed = DigestSet(uri_digests(uris))
     annotated = np.zeros(len(uris), bool)
-    removed, examples = 0, []
+    removed, examples = 0, list[str]()
     for done, digests in _lookup_rounds(store.uri_batches(committed)):
         found = listed.find(digests)
         annotated[found[found >= 0]] = True
