@@ -33,6 +33,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.optimize import minimize
 
 from benchmarks.quality_auc import LABELS, LabelledFaces, auc_table, default_shared, label_masks, labelled_faces, roc_auc
@@ -156,9 +157,14 @@ def select_l2(features: np.ndarray, faces: LabelledFaces, folds: int) -> tuple[f
     return max(margins, key=lambda l2: (margins[l2], l2)), margins
 
 
+def features_of(faces: LabelledFaces) -> np.ndarray:
+    """(N, len(FEATURES)) float64 model inputs of the faces."""
+    return model_features(torch.from_numpy(faces.scores), faces.quality.columns()).numpy()
+
+
 def held_out_quality(faces: LabelledFaces, folds: int) -> np.ndarray:
     """(N,) quality of each face from a model (L2 selected as in the fit) not fitted on its image."""
-    features = model_features(faces.scores, faces.quality)
+    features = features_of(faces)
     l2, _ = select_l2(features, faces, folds)
     return cross_validated(features, faces.attributes, faces.image, l2, folds)
 
@@ -174,7 +180,7 @@ def main() -> None:
 
     faces = labelled_faces(args.images, args.gt, Detector(scale="original", score_threshold=0.3))
     folds = args.folds or len(faces.names)
-    features = model_features(faces.scores, faces.quality)
+    features = features_of(faces)
     l2, scores = select_l2(features, faces, folds)
     print(f"{len(faces.scores)} faces of {len(faces.names)} images; held-out worst margin over the AUC targets per L2 ({folds} folds by image):")
     print("  " + ", ".join(f"{k:g}: {v:.3f}" for k, v in scores.items()) + f" -> L2 = {l2:g}")

@@ -1,11 +1,20 @@
-"""Per-face quality scores from an image and its detections: size, sharpness, pose, exposure, and a
+"""Per-face quality scores from images and their detections: size, sharpness, pose, exposure, and a
 composite fitted to human labels.
 
-Every score is computed for all faces of an image at once; only the crop-based ones (sharpness,
-exposure, brightness, contrast) loop over faces, each on a small crop. Conventions are those of
-:class:`~retinaface_core.postprocessing.Detections`: boxes x1, y1, x2, y2 and landmarks (left
-eye, right eye, nose, left mouth corner, right mouth corner, left/right as seen in the image)
-in pixels of the H x W x 3 uint8 BGR image.
+One torch implementation, on any device, for all faces of a batch of images at once:
+:func:`quality_features`. :func:`face_quality` is the same for the faces of one numpy image.
+Conventions are those of :class:`~retinaface_core.postprocessing.Detections`: boxes x1, y1, x2, y2
+and landmarks (left eye, right eye, nose, left mouth corner, right mouth corner, left/right as
+seen in the image) in pixels of the H x W x 3 uint8 BGR image.
+
+The crop-based scores (sharpness, brightness, contrast, exposure) read each face's box rounded
+and clipped to its image (:func:`crop_rectangles`). The crops' pixels are gathered as *runs*, one
+per crop row (sharpness) or per sampled row (the grey-level statistics), for every face of the
+batch together; no pixel outside the crops is read, and the runs are gathered in chunks of at
+most ``chunk_pixels`` pixels (a crop larger than that is split between rows), so memory stays
+bounded whatever the number and size of faces. Each score equals, to float rounding, the
+OpenCV computation it was first written with (``benchmarks/quality_reference.py`` measures it;
+``tests/data/quality_reference.json`` holds that implementation's values).
 
 Signs of the pose angles, in the image as displayed:
 
@@ -20,18 +29,23 @@ The composite ``quality`` is a logistic model over the other scores whose coeffi
 WIDER FACE attribute labels; :data:`QUALITY_MODEL_VERSION` names it. How well each score
 separates those labels is measured by ``benchmarks/quality_auc.py`` (figures in
 ``docs/annotate.md``).
+
+Sums and the pose run in float64 (exact integer sums of grey levels; CPU and CUDA support it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 
-import cv2
 import numpy as np
+import torch
+from torch import Tensor
+
+from schemas.annotation import QUALITY_COLUMNS
 
 SHARPNESS_SIZE = 16
 """Side (px) of the square grey crop sharpness is measured on; smaller faces are measured at their
@@ -40,9 +54,13 @@ own size. On the 454 labelled faces of the 12 shared WIDER FACE val images, of 8
 -0.24, -0.35 for the others) while separating clear from heavily blurred faces as well as any
 (ROC AUC 0.66; 0.59-0.66)."""
 
+MIN_SHARPNESS_SIZE = 3
+"""The smallest side sharpness is measured on: the Laplacian needs one pixel inside a border."""
+
 SAMPLE_SIZE = 64
-"""Grey-level statistics (brightness, contrast, exposure) are counted on at most this many samples
-per side of a face's crop, taken with a fixed stride: enough for fractions and moments, and it
+"""Grey-level statistics (brightness, contrast, exposure) are counted on every k-th row and column
+of a face's crop, k = max(1, side // SAMPLE_SIZE) per axis (so between SAMPLE_SIZE and
+2 * SAMPLE_SIZE - 1 samples per side of a large crop): enough for fractions and moments, and it
 keeps a 1,000 px face as cheap as a 64 px one."""
 
 CLIP_MARGIN = 8
@@ -61,10 +79,22 @@ FRONTAL_NOSE_POSITION = 0.5
 """Nose position between eye line (0) and mouth line (1) in a frontal face (the 5-point
 ArcFace alignment template puts it at 0.495)."""
 
+GREY_WEIGHTS = (3735, 19235, 9798)
+GREY_SHIFT = 15
+"""ITU-R BT.601 luma (0.114 B + 0.587 G + 0.299 R) in OpenCV 5's fixed point: weights times
+2^GREY_SHIFT, rounded to sum to 2^GREY_SHIFT, then rounded to nearest; bit-exact with
+``cv2.cvtColor(..., COLOR_BGR2GRAY)`` on all 2^24 colours."""
+
+CHUNK_PIXELS = 1 << 20
+"""Crop pixels read at once: bounds the working memory (about 60 bytes per pixel, besides about
+200 bytes per crop row of the batch) whatever the number and size of the faces, while keeping
+the chunks of a batch few."""
+
 
 @dataclass
 class FaceQuality:
-    """Quality scores of N faces; each field is an (N,) float32 array.
+    """Quality scores of N faces; each field is an (N,) float32 array, fields in
+    ``schemas.annotation.QUALITY_COLUMNS`` order.
 
     face_size: short side of the box, px. sharpness: in [0, 1], see :func:`sharpness`.
     yaw, pitch, roll: degrees, see :func:`pose_angles`. brightness: mean grey level of the box
@@ -86,14 +116,24 @@ class FaceQuality:
     def __len__(self) -> int:
         return len(self.quality)
 
+    @classmethod
+    def from_columns(cls, columns: Tensor) -> FaceQuality:
+        """From an (N, len(QUALITY_COLUMNS)) tensor such as :func:`quality_features` returns."""
+        values = columns.detach().to("cpu", torch.float32).numpy()
+        return cls(**{name: values[:, k].copy() for k, name in enumerate(QUALITY_COLUMNS)})
 
-def face_size(boxes: np.ndarray) -> np.ndarray:
-    """min(x2 - x1, y2 - y1) per face: (N, 4) -> (N,)."""
-    return np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).astype(np.float32)
+    def columns(self) -> Tensor:
+        """(N, len(QUALITY_COLUMNS)) float32 CPU tensor of the fields."""
+        return torch.from_numpy(np.stack([getattr(self, name) for name in QUALITY_COLUMNS], axis=1).astype(np.float32))
 
 
-def pose_angles(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(yaw, pitch, roll) in degrees from (N, 5, 2) landmarks; each (N,).
+def face_size(boxes: Tensor) -> Tensor:
+    """min(x2 - x1, y2 - y1) per face: (F, 4) -> (F,) float32."""
+    return torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).to(torch.float32)
+
+
+def pose_angles(landmarks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(yaw, pitch, roll) in degrees from (F, 5, 2) landmarks; each (F,) float32, computed in float64.
 
     With e_l, e_r the eyes, n the nose, m_l, m_r the mouth corners:
 
@@ -109,90 +149,327 @@ def pose_angles(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
       position from the eye line (0) to the mouth line (1) and t0 = FRONTAL_NOSE_POSITION, by
       the same projection argument along the midline.
     """
-    lm = landmarks.astype(np.float64)
+    lm = landmarks.to(torch.float64)
     left_eye, right_eye, nose = lm[:, 0], lm[:, 1], lm[:, 2]
     eyes = (left_eye + right_eye) / 2
     mouth = (lm[:, 3] + lm[:, 4]) / 2
     eye_line = right_eye - left_eye
-    roll = np.degrees(np.arctan2(eye_line[:, 1], eye_line[:, 0]))
+    roll = torch.rad2deg(torch.atan2(eye_line[:, 1], eye_line[:, 0]))
     midline = mouth - eyes
-    length = np.maximum(np.linalg.norm(midline, axis=1), 1e-6)
+    length = torch.linalg.vector_norm(midline, dim=1).clamp(min=1e-6)
     u = midline / length[:, None]
-    v = np.stack([u[:, 1], -u[:, 0]], axis=1)
+    v = torch.stack([u[:, 1], -u[:, 0]], dim=1)
     to_nose = nose - eyes
-    iod = np.maximum(np.linalg.norm(eye_line, axis=1), 1e-6)
-    yaw = np.degrees(np.arctan((to_nose * v).sum(1) / (NOSE_DEPTH * iod)))
+    iod = torch.linalg.vector_norm(eye_line, dim=1).clamp(min=1e-6)
+    yaw = torch.rad2deg(torch.atan((to_nose * v).sum(1) / (NOSE_DEPTH * iod)))
     t = (to_nose * u).sum(1) / length
-    pitch = np.degrees(np.arctan((FRONTAL_NOSE_POSITION - t) / NOSE_DEPTH_VERTICAL))
-    return yaw.astype(np.float32), pitch.astype(np.float32), roll.astype(np.float32)
+    pitch = torch.rad2deg(torch.atan((FRONTAL_NOSE_POSITION - t) / NOSE_DEPTH_VERTICAL))
+    return yaw.to(torch.float32), pitch.to(torch.float32), roll.to(torch.float32)
 
 
-def box_crops(image: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
-    """The N boxes (N, 4) of the H x W x C image as views, rounded and clipped to the image, each
-    at least 1 x 1 px."""
-    height, width = image.shape[:2]
-    corners = np.rint(boxes).astype(np.int64)
-    x1 = np.clip(corners[:, 0], 0, width - 1)
-    y1 = np.clip(corners[:, 1], 0, height - 1)
-    x2 = np.clip(corners[:, 2], x1 + 1, width)
-    y2 = np.clip(corners[:, 3], y1 + 1, height)
-    return [image[y1[i] : y2[i], x1[i] : x2[i]] for i in range(len(boxes))]
+def crop_rectangles(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The pixel rectangles the crop-based scores read, on the host: (F, 4) boxes and (F, 2)
+    (height, width) of each face's image -> (F, 4) int64 x1, y1, x2, y2 (x2, y2 exclusive): the box
+    rounded half to even, clipped to the image and at least 1 x 1 px (a box outside the image
+    reads its nearest border pixel)."""
+    limit = float(1 << 40)
+    corners = np.rint(np.nan_to_num(boxes.astype(np.float64, copy=False), nan=0.0).clip(-limit, limit)).astype(np.int64)
+    height, width = sizes[:, 0], sizes[:, 1]
+    x1 = np.minimum(np.maximum(corners[:, 0], 0), width - 1)
+    y1 = np.minimum(np.maximum(corners[:, 1], 0), height - 1)
+    x2 = np.minimum(np.maximum(corners[:, 2], x1 + 1), width)
+    y2 = np.minimum(np.maximum(corners[:, 3], y1 + 1), height)
+    return np.stack([x1, y1, x2, y2], axis=1)
 
 
-def samples(crop: np.ndarray) -> np.ndarray:
-    """Every k-th row and column of an h x w (x C) crop, k chosen so that at most SAMPLE_SIZE remain
-    per side; taken without averaging, which would blend clipped pixels with their neighbours."""
-    h, w = crop.shape[:2]
-    return crop[:: max(1, h // SAMPLE_SIZE), :: max(1, w // SAMPLE_SIZE)]
+def grey_levels(bgr: Tensor) -> Tensor:
+    """(..., 3) uint8 BGR -> (...) int32 grey levels in 0..255, equal to ``cv2.cvtColor(...,
+    COLOR_BGR2GRAY)`` (see GREY_WEIGHTS); integer arithmetic, exact on every device."""
+    blue, green, red = (channel.to(torch.int32) for channel in bgr.unbind(-1))
+    grey = blue.mul_(GREY_WEIGHTS[0]).add_(green, alpha=GREY_WEIGHTS[1]).add_(red, alpha=GREY_WEIGHTS[2])
+    return grey.add_(1 << (GREY_SHIFT - 1)).bitwise_right_shift_(GREY_SHIFT)
 
 
-def sharpness(grey_crops: Sequence[np.ndarray]) -> np.ndarray:
-    """Sharpness in [0, 1] of each h x w uint8 grey face crop, whatever its size: (N,) float32.
+def _area_positions(extent: np.ndarray, sides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cell boundaries j * extent / side, j = 0..SHARPNESS_SIZE (those past ``side`` repeat it), of
+    (F,) crop extents cut into (F,) sides: the pixel (F, SHARPNESS_SIZE + 1) int64 in
+    0..extent - 1 each boundary lies in and the fraction of that pixel before it, in [0, 1]."""
+    numerator = np.minimum(np.arange(SHARPNESS_SIZE + 1), sides[:, None]) * extent[:, None]
+    pixel = np.minimum(numerator // sides[:, None], extent[:, None] - 1)
+    return pixel, (numerator - pixel * sides[:, None]) / sides[:, None]
+
+
+def _linear_positions(extent: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where ``cv2.resize(..., INTER_LINEAR)`` samples a crop of (F,) extents for MIN_SHARPNESS_SIZE
+    outputs: the two pixels (F, 3) int64 and the weight of the second (F, 3). Sample centres at
+    (j + 0.5) * extent / 3 - 0.5, rounded to float32 as OpenCV has them, clamped to the crop."""
+    scale = 1.0 / (MIN_SHARPNESS_SIZE / extent.astype(np.float64))
+    centre = ((np.arange(MIN_SHARPNESS_SIZE) + 0.5) * scale[:, None] - 0.5).astype(np.float32)
+    low = np.floor(centre)
+    last = extent[:, None] - 1
+    weight = np.where((low < 0) | (low >= last), 0.0, (centre - low).astype(np.float64))
+    low = np.minimum(np.maximum(low.astype(np.int64), 0), last)
+    return low, np.minimum(low + 1, last), weight
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Runs [first_run, end_run) and pixels [first_pixel, end_pixel) of a batch, gathered together;
+    ``stretches``: (image, first pixel, end pixel) of its parts, each within one image;
+    ``unit_step``: whether all its runs are whole crop rows or samples one column apart."""
+
+    first_run: int
+    end_run: int
+    first_pixel: int
+    end_pixel: int
+    unit_step: bool
+    stretches: list[tuple[int, int, int]]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the crop-based scores read of F faces sorted by image, planned on the host (numpy
+    arrays; :meth:`to` gives the same with tensors on a device).
+
+    The pixels are read as *runs* grouped in *sets*, in face order: every face has a crop-row set
+    (h runs of w pixels, its whole crop: sharpness, and the grey-level statistics when all of the
+    crop is sampled), and a face of 2 * SAMPLE_SIZE px or more on a side also a sample set (ny runs
+    of nx pixels, every ky-th row and kx-th column: its grey-level statistics). Runs and pixels
+    are numbered through the whole batch, set after set, so each image's runs are contiguous;
+    pixel t of run r of set p lies at flat position ``base[p] + (r - first_run[p]) * advance[p]
+    + t * step[p]`` of its image.
+
+    Per set: ``count`` (S,) int64, its runs, and ``sets`` (S, 6) int64: first_run, base, advance,
+    first_pixel, length (pixels per run), step. Per set, (SHARPNESS_SIZE + 7, S) int64 ``columns`` and (SHARPNESS_SIZE + 4, S)
+    ``column_weights`` (zero for sample sets): the pixel of a crop row that each of the
+    SHARPNESS_SIZE + 1 area boundaries lies in, then the two pixels of each of the 3 linear
+    samples; the fraction of the pixel before each boundary, then the linear weights. Per face
+    (F,): the same across rows, as run numbers, ``rows`` (F, SHARPNESS_SIZE + 7) and
+    ``row_weights`` (F, SHARPNESS_SIZE + 4); ``first_row``, its first run; ``valid``
+    (F, SHARPNESS_SIZE - 2) 1.0 for its inner resized samples; ``cell_factor`` side^2 / (h w),
+    the inverse of an area cell; ``linear`` (bool) resized linearly; ``sample_set``, the set its
+    grey-level statistics are counted on, and ``samples`` (float64) their number.
+    """
+
+    count: np.ndarray
+    sets: np.ndarray
+    columns: np.ndarray
+    column_weights: np.ndarray
+    rows: np.ndarray
+    row_weights: np.ndarray
+    first_row: np.ndarray
+    valid: np.ndarray
+    cell_factor: np.ndarray
+    linear: np.ndarray
+    sample_set: np.ndarray
+    samples: np.ndarray
+    total_runs: int
+    chunks: list[_Chunk]
+
+    def to(self, device: torch.device) -> _Layout:
+        """The same plan with its arrays on ``device``, moved in one transfer per dtype."""
+        arrays = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), np.ndarray)}
+        moved = {}
+        for dtype in {a.dtype for a in arrays.values()}:
+            names = [name for name, a in arrays.items() if a.dtype == dtype]
+            flat = torch.from_numpy(np.concatenate([arrays[name].ravel() for name in names])).to(device)
+            for name, part in zip(names, flat.split([arrays[name].size for name in names])):
+                moved[name] = part.view(arrays[name].shape)
+        return replace(self, **moved)
+
+
+def _layout(rectangles: np.ndarray, widths: np.ndarray, face_image: np.ndarray, chunk_pixels: int) -> _Layout:
+    """The :class:`_Layout` of (F, 4) crop rectangles in images of (F,) widths; (F,) sorted image indices."""
+    x1, y1, x2, y2 = rectangles.T
+    height, width = y2 - y1, x2 - x1
+    row_step, col_step = np.maximum(height // SAMPLE_SIZE, 1), np.maximum(width // SAMPLE_SIZE, 1)
+    sample_rows, sample_cols = -(-height // row_step), -(-width // col_step)
+    strided = (row_step > 1) | (col_step > 1)
+    face = np.repeat(np.arange(len(x1)), 1 + strided)
+    row_set = np.cumsum(1 + strided) - 1 - strided
+    sample = np.ones(len(face), bool)
+    sample[row_set] = False
+
+    count = np.where(sample, sample_rows[face], height[face])
+    length = np.where(sample, sample_cols[face], width[face])
+    step = np.where(sample, col_step[face], 1)
+    run_end, pixel_end = np.cumsum(count), np.cumsum(count * length)
+    first_run, first_pixel = run_end - count, pixel_end - count * length
+
+    sides = np.clip(np.minimum(height, width), MIN_SHARPNESS_SIZE, SHARPNESS_SIZE)
+    col_pixel, col_fraction = _area_positions(width, sides)
+    col_low, col_high, col_weight = _linear_positions(width)
+    row_pixel, row_fraction = _area_positions(height, sides)
+    row_low, row_high, row_weight = _linear_positions(height)
+    columns = np.zeros((len(face), SHARPNESS_SIZE + 7), np.int64)
+    columns[row_set] = np.concatenate([col_pixel, col_low, col_high], axis=1)
+    column_weights = np.zeros((len(face), SHARPNESS_SIZE + 4))
+    column_weights[row_set] = np.concatenate([col_fraction, col_weight], axis=1)
+    first_row = first_run[row_set]
+    base = (y1 * widths + x1)[face] - first_pixel * step
+    advance = np.where(sample, row_step[face], 1) * widths[face] - length * step
+    return _Layout(
+        count=count,
+        sets=np.stack([first_run, base, advance, first_pixel, length, step], axis=1),
+        columns=np.ascontiguousarray(columns.T),
+        column_weights=np.ascontiguousarray(column_weights.T),
+        rows=first_row[:, None] + np.concatenate([row_pixel, row_low, row_high], axis=1),
+        row_weights=np.concatenate([row_fraction, row_weight], axis=1),
+        first_row=first_row,
+        valid=(np.arange(SHARPNESS_SIZE - 2) < sides[:, None] - 2).astype(np.float64),
+        cell_factor=sides**2 / (height * width),
+        linear=np.minimum(height, width) < MIN_SHARPNESS_SIZE,
+        sample_set=row_set + strided,
+        samples=(sample_rows * sample_cols).astype(np.float64),
+        total_runs=int(run_end[-1]),
+        chunks=_chunks(count, length, step, run_end, pixel_end, face_image[face], chunk_pixels),
+    )
+
+
+def _chunks(count: np.ndarray, length: np.ndarray, step: np.ndarray, run_end: np.ndarray, pixel_end: np.ndarray, set_image: np.ndarray, chunk_pixels: int) -> list[_Chunk]:
+    """Whole runs in chunks of at most ``chunk_pixels`` pixels (a longer run alone), cut into
+    stretches where the image changes. Per set (S,): count, length, step, cumulative runs and
+    pixels, image."""
+    run_start, pixel_start = run_end - count, pixel_end - count * length
+    total_runs, total_pixels = int(run_end[-1]), int(pixel_end[-1])
+    targets = np.arange(1, -(-total_pixels // chunk_pixels)) * chunk_pixels
+    target_set = np.searchsorted(pixel_end, targets, side="right")
+    within = -(-(targets - pixel_start[target_set]) // length[target_set])
+    chunk_runs = run_start[target_set] + within
+    chunk_cuts = set(zip(chunk_runs.tolist(), (pixel_start[target_set] + within * length[target_set]).tolist()))
+    image_starts = np.flatnonzero(np.diff(set_image, prepend=-1))
+    image_cuts = set(zip(run_start[image_starts].tolist(), pixel_start[image_starts].tolist()))
+    cuts = sorted((chunk_cuts | image_cuts | {(0, 0)}) - {(total_runs, total_pixels)}) + [(total_runs, total_pixels)]
+    chunk_starts = set(chunk_runs.tolist())
+    cut_sets = np.searchsorted(run_end, [run for run, _ in cuts], side="right")
+    chunks, stretches, first = [], [], 0
+    for k in range(len(cuts) - 1):
+        stretches.append((int(set_image[cut_sets[k]]), cuts[k][1], cuts[k + 1][1]))
+        if cuts[k + 1][0] in chunk_starts or k == len(cuts) - 2:
+            last_set = np.searchsorted(run_end, cuts[k + 1][0] - 1, side="right")
+            unit_step = bool((step[cut_sets[first] : last_set + 1] == 1).all())
+            chunks.append(_Chunk(cuts[first][0], cuts[k + 1][0], cuts[first][1], cuts[k + 1][1], unit_step, stretches))
+            stretches, first = [], k + 1
+    return chunks
+
+
+def _take(source: Tensor, index: Tensor, dim: int = 0) -> Tensor:
+    """``source`` gathered along ``dim`` at an index of any shape, which replaces that dimension
+    (index_select, much faster on the CPU than advanced indexing)."""
+    taken = torch.index_select(source, dim, index.reshape(-1))
+    return taken.view(*source.shape[:dim], *index.shape, *source.shape[dim + 1 :])
+
+
+def _read_runs(images: Sequence[Tensor], layout: _Layout) -> tuple[Tensor, Tensor, Tensor]:
+    """Read every run of ``layout`` (on the images' device) from the images, chunk by chunk, and
+    reduce each run to a few numbers.
+
+    Returns ``sums`` (S, 3) float64 per set: of its grey levels, their squares and its clipped
+    pixels (see CLIP_MARGIN); per run (R,), for crop-row runs: ``integrals``
+    (SHARPNESS_SIZE + 1, R) float64, the running sum of the row's grey levels at each area
+    boundary (whole pixels plus the fraction of the next), and ``samples`` (3, R), its grey
+    levels interpolated at the linear sample columns.
+    """
+    device = layout.count.device
+    sets = torch.repeat_interleave(torch.arange(len(layout.count), device=device), layout.count, output_size=layout.total_runs)
+    area, low, high = SHARPNESS_SIZE + 1, SHARPNESS_SIZE + 4, SHARPNESS_SIZE + 7
+    sums, integrals, samples = [], [], []
+    for chunk in layout.chunks:
+        run_sets = sets[chunk.first_run : chunk.end_run]
+        first_run, base, advance, first_pixel, length, step = _take(layout.sets, run_sets).unbind(1)
+        index = torch.arange(chunk.first_run, chunk.end_run, device=device) - first_run
+        total = chunk.end_pixel - chunk.first_pixel
+        # Image positions fit int32 (half the index traffic of int64) once counted from the chunk's start.
+        where = torch.repeat_interleave((base + index * advance + chunk.first_pixel * step).to(torch.int32), length, output_size=total)
+        positions = torch.arange(total, dtype=torch.int32, device=device)
+        if not chunk.unit_step:
+            positions *= torch.repeat_interleave(step.to(torch.int32), length, output_size=total)
+        where += positions
+        pixels = torch.empty((total, 3), dtype=torch.uint8, device=device)
+        for image, start, end in chunk.stretches:
+            part = slice(start - chunk.first_pixel, end - chunk.first_pixel)
+            torch.index_select(images[image].view(-1, 3), 0, where[part], out=pixels[part])
+        grey = grey_levels(pixels)
+        blue, green, red = pixels.unbind(1)
+        brightest = torch.maximum(torch.maximum(blue, green), red)
+        clipped = (brightest <= CLIP_MARGIN).logical_or_(brightest >= 255 - CLIP_MARGIN)
+        # before[:, t]: sums of the grey levels, their squares and the clipped pixels before pixel t.
+        before = torch.empty((3, total + 1), dtype=torch.int64, device=device)
+        before[:, 0] = 0
+        for k, values in enumerate((grey, grey * grey, clipped)):
+            torch.cumsum(values, 0, dtype=torch.int64, out=before[k, 1:])
+        start = first_pixel + index * length - chunk.first_pixel
+        at_start = torch.index_select(before, 1, start)
+        sums.append(torch.index_select(before, 1, start + length) - at_start)
+        at = start + _take(layout.columns, run_sets, 1)
+        grey_at, weights = _take(grey, at).to(torch.float64), _take(layout.column_weights, run_sets, 1)
+        before_at = (_take(before[0], at[:area]) - at_start[0]).to(torch.float64)
+        integrals.append(before_at + weights[:area] * grey_at[:area])
+        samples.append(grey_at[area:low] + weights[area:] * (grey_at[low:high] - grey_at[area:low]))
+    set_sums = torch.zeros((3, len(layout.count)), dtype=torch.int64, device=device).index_add_(1, sets, torch.cat(sums, 1))
+    return set_sums.T.to(torch.float64), torch.cat(integrals, 1), torch.cat(samples, 1)
+
+
+def resized_crops(integrals: Tensor, samples: Tensor, layout: _Layout) -> Tensor:
+    """Every face's grey crop resized to side x side as ``cv2.resize`` does it: area-averaged where
+    both extents reach the side, else (crops under MIN_SHARPNESS_SIZE px on a side) bilinear:
+    (F, SHARPNESS_SIZE, SHARPNESS_SIZE) float64, face f in its top-left side x side.
+
+    An area average is an integral of the piecewise-constant image over a cell, and the integral
+    from a crop's corner is bilinear within each pixel, so each cell is four samples of the crop's
+    summed-area table at fractional corners. The table is built in two exact passes: per crop
+    row, its running sum at the column boundaries (``integrals`` (SHARPNESS_SIZE + 1, R) from
+    :func:`_read_runs`); per face, the running sum of those over its rows, at the row
+    boundaries. The linear case interpolates the rows' linear ``samples`` (3, R) between rows.
+    """
+    area, low, high = SHARPNESS_SIZE + 1, SHARPNESS_SIZE + 4, SHARPNESS_SIZE + 7
+    above = torch.cumsum(integrals, 1) - integrals
+    rows = layout.rows[:, :area]
+    table = _take(above, rows, 1) - _take(above, layout.first_row, 1)[:, :, None] + layout.row_weights[:, :area] * _take(integrals, rows, 1)
+    cells = torch.diff(torch.diff(table.permute(1, 2, 0), dim=1), dim=2) * layout.cell_factor[:, None, None]
+    near, far = _take(samples, layout.rows[:, area:low], 1), _take(samples, layout.rows[:, low:high], 1)
+    linear = (near + layout.row_weights[:, area:] * (far - near)).permute(1, 2, 0)
+    pad = SHARPNESS_SIZE - MIN_SHARPNESS_SIZE
+    return torch.where(layout.linear[:, None, None], torch.nn.functional.pad(linear, (0, pad, 0, pad)), cells)
+
+
+def sharpness(resized: Tensor, valid: Tensor) -> Tensor:
+    """Sharpness in [0, 1] of each face's resized grey crop: (F, S, S) (face f in its top-left
+    s x s, S = SHARPNESS_SIZE) and (F, S - 2) float, 1 for the inner samples 1..s - 2 -> (F,) float32.
 
     A crop is area-averaged to s x s, s = min(SHARPNESS_SIZE, h, w) (never upsampled, except
-    to 3 px), so a face is always measured on at most SHARPNESS_SIZE samples across: the same
-    face at 20 px and at 200 px, or in a photo and in its half-size copy, gets about the same
-    value, and blur counts relative to the face's size. The value is
-    mean(L^2) / (mean(L^2) + 4 mean(|G|^2)) with L the 4-neighbour Laplacian and G the central
-    difference gradient: for a sinusoid of angular frequency w along x or y it is sin^2(w / 2),
-    0 for flat or very blurred detail and 1 at the sampling limit; for a crop, a mean of that
-    over its detail. Brightness and contrast cancel out (both terms scale alike). Crops of one
-    s are computed together.
+    to MIN_SHARPNESS_SIZE px; :func:`resized_crops`), so a face is always measured on at most
+    SHARPNESS_SIZE samples across: the same face at 20 px and at 200 px, or in a photo and in its
+    half-size copy, gets about the same value, and blur counts relative to the face's size. The
+    value is mean(L^2) / (mean(L^2) + 4 mean(|G|^2)) over the inner samples, with L the
+    4-neighbour Laplacian and G the central difference gradient: for a sinusoid of angular
+    frequency w along x or y it is sin^2(w / 2), 0 for flat or very blurred detail and 1 at the
+    sampling limit; for a crop, a mean of that over its detail. Brightness and contrast cancel out
+    (both terms scale alike).
     """
-    sides = np.array([max(min(SHARPNESS_SIZE, *crop.shape), 3) for crop in grey_crops], np.int64)
-    result = np.zeros(len(sides), np.float32)
-    for side in np.unique(sides):
-        index = np.flatnonzero(sides == side)
-        g = np.stack([_resized(grey_crops[i], int(side)) for i in index])
-        centre = g[:, 1:-1, 1:-1]
-        laplacian = g[:, 1:-1, 2:] + g[:, 1:-1, :-2] + g[:, 2:, 1:-1] + g[:, :-2, 1:-1] - 4 * centre
-        gradient = ((g[:, 1:-1, 2:] - g[:, 1:-1, :-2]) / 2) ** 2 + ((g[:, 2:, 1:-1] - g[:, :-2, 1:-1]) / 2) ** 2
-        detail = (laplacian**2).mean(axis=(1, 2))
-        total = detail + 4 * gradient.mean(axis=(1, 2))
-        result[index] = np.divide(detail, total, out=np.zeros_like(detail), where=total > 0)
-    return result
+    # L, then twice each gradient component: 4 |G|^2 is the sum of their squares.
+    kernels = resized.new_tensor([[[0, 1, 0], [1, -4, 1], [0, 1, 0]], [[0, 0, 0], [-1, 0, 1], [0, 0, 0]], [[0, -1, 0], [0, 0, 0], [0, 1, 0]]])
+    responses = torch.nn.functional.conv2d(resized[:, None], kernels[:, None]) ** 2
+    energy = (responses * (valid[:, :, None] * valid[:, None, :])[:, None]).sum((2, 3))
+    detail, total = energy[:, 0], energy.sum(1)
+    return torch.where(total > 0, detail / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0).to(torch.float32)
 
 
-def _resized(grey_crop: np.ndarray, side: int) -> np.ndarray:
-    """side x side float32 copy of an h x w crop: area-averaged, or bilinear where it grows."""
-    shrink = min(grey_crop.shape) >= side
-    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    return cv2.resize(grey_crop.astype(np.float32), (side, side), interpolation=interpolation)
+def sample_statistics(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(brightness, contrast, exposure), each (F,) float32, from the (F, 3) sums of each face's
+    grey-level samples, their squares and its clipped samples, and (F,) sample counts.
 
-
-def exposure(colour_crop: np.ndarray) -> float:
-    """1 - the fraction of clipped pixels of one h x w x 3 uint8 crop, in [0, 1].
-
-    A pixel is clipped when it is black in every channel (all <= CLIP_MARGIN: crushed shadow)
-    or saturated in any (>= 255 - CLIP_MARGIN: blown highlight); either way its detail is
-    lost, which a distance of the mean from mid-grey does not tell (a dark-skinned face in good
-    light is dark but not clipped). Counted on :func:`samples` of the crop.
+    The samples are every k-th row and column of the crop (see SAMPLE_SIZE), taken without
+    averaging, which would blend clipped pixels with their neighbours. brightness: mean grey level
+    / 255; contrast: their standard deviation / 255 (population, as ``cv2.meanStdDev``);
+    exposure: 1 - the fraction of clipped samples. A pixel is clipped when it is black in every
+    channel (all <= CLIP_MARGIN: crushed shadow) or saturated in any (>= 255 - CLIP_MARGIN: blown
+    highlight); either way its detail is lost, which a distance of the mean from mid-grey does not
+    tell (a dark-skinned face in good light is dark but not clipped).
     """
-    grid = np.ascontiguousarray(samples(colour_crop))
-    crushed = cv2.countNonZero(cv2.inRange(grid, (0, 0, 0), (CLIP_MARGIN,) * 3))
-    unsaturated = cv2.countNonZero(cv2.inRange(grid, (0, 0, 0), (254 - CLIP_MARGIN,) * 3))
-    total = grid.shape[0] * grid.shape[1]
-    return 1 - (crushed + total - unsaturated) / total
+    mean = sums[:, 0] / counts
+    std = torch.sqrt((sums[:, 1] / counts - mean**2).clamp(min=0))
+    return (mean / 255).to(torch.float32), (std / 255).to(torch.float32), (1 - sums[:, 2] / counts).to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -250,8 +527,9 @@ turned or less clipped face never scores lower. The fit holds the weights to it 
 checks it."""
 
 
-def model_features(scores: np.ndarray, q: FaceQuality) -> np.ndarray:
-    """(N, len(FEATURES)) float64 model inputs from the (N,) detection scores and the faces' scores.
+def model_features(scores: Tensor, columns: Tensor) -> Tensor:
+    """(F, len(FEATURES)) float64 model inputs from the (F,) detection scores and the faces'
+    (F, len(QUALITY_COLUMNS)) scores (the ``quality`` column is not read).
 
     Transforms measured by image-level cross-validation on the shared WIDER FACE val faces
     (``benchmarks/fit_quality.py``): the square root of the clipped fraction (1 - exposure)
@@ -263,30 +541,36 @@ def model_features(scores: np.ndarray, q: FaceQuality) -> np.ndarray:
     Contrast is not used: its effect has no known direction, and left free its weight fitted
     the few images with extreme lighting (held-out AUC for blur 0.62, illumination 0.46).
     """
-    return np.stack(
+    c = columns.to(torch.float64)
+
+    def column(name: str) -> Tensor:
+        return c[:, QUALITY_COLUMNS.index(name)]
+
+    return torch.stack(
         [
-            scores,
-            np.log2(np.maximum(q.face_size, 1.0)),
-            q.sharpness,
-            np.abs(q.yaw),
-            np.abs(q.pitch),
-            np.abs(q.roll),
-            np.sqrt(1 - q.exposure),
+            scores.to(torch.float64),
+            torch.log2(column("face_size").clamp(min=1.0)),
+            column("sharpness"),
+            column("yaw").abs(),
+            column("pitch").abs(),
+            column("roll").abs(),
+            torch.sqrt((1 - column("exposure")).clamp(min=0)),
         ],
-        axis=1,
-    ).astype(np.float64)
+        dim=1,
+    )
 
 
-def composite_quality(model: QualityModel, features: np.ndarray) -> np.ndarray:
-    """The model's quality in [0, 1] of (N, len(FEATURES)) features: (N,) float32.
+def composite_quality(model: QualityModel, features: Tensor) -> Tensor:
+    """The model's quality in [0, 1] of (F, len(FEATURES)) features: (F,) float32.
 
     The model was fitted (``benchmarks/fit_quality.py``) to give the probability that a human
     labeller marks the face with no heavy blur, no heavy occlusion, a typical pose and normal
     illumination (WIDER FACE attribute conventions).
     """
     columns = [FEATURES.index(name) for name in model.features]
-    z = (features[:, columns] - model.mean) / model.scale
-    return (1 / (1 + np.exp(-(model.intercept + z @ model.weights)))).astype(np.float32)
+    coefficients = torch.from_numpy(np.stack([model.mean, model.scale, model.weights])).to(features.device)
+    z = (features[:, columns].to(torch.float64) - coefficients[0]) / coefficients[1]
+    return torch.sigmoid(model.intercept + z @ coefficients[2]).to(torch.float32)
 
 
 def load_model() -> QualityModel:
@@ -299,40 +583,83 @@ QUALITY_MODEL_VERSION: str = QUALITY_MODEL.version
 """Version of the composite's coefficients; record it with every output written with them."""
 
 
-def face_quality(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray) -> FaceQuality:
-    """All quality scores of the N faces (boxes (N, 4), scores (N,), landmarks (N, 5, 2)) of one image."""
-    n = len(boxes)
-    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    grey_crops = box_crops(grey, boxes)
-    expo = np.array([exposure(crop) for crop in box_crops(image, boxes)], np.float32)
-    moments = np.array([cv2.meanStdDev(np.ascontiguousarray(samples(crop))) for crop in grey_crops]).reshape(n, 2) / 255
-    yaw, pitch, roll = pose_angles(landmarks)
-    q = FaceQuality(
-        face_size(boxes), sharpness(grey_crops), yaw, pitch, roll, moments[:, 0].astype(np.float32),
-        moments[:, 1].astype(np.float32), expo, np.zeros(n, np.float32),
-    )
-    q.quality = composite_quality(QUALITY_MODEL, model_features(scores, q))
-    return q
+def _check_inputs(images: Sequence[Tensor], image_index: Tensor, boxes: Tensor, scores: Tensor, landmarks: Tensor) -> None:
+    faces = len(boxes)
+    if boxes.shape != (faces, 4) or scores.shape != (faces,) or landmarks.shape != (faces, 5, 2) or image_index.shape != (faces,):
+        raise ValueError(
+            "quality_features needs boxes (F, 4), scores (F,), landmarks (F, 5, 2) and image_index (F,); got "
+            f"{tuple(boxes.shape)}, {tuple(scores.shape)}, {tuple(landmarks.shape)}, {tuple(image_index.shape)}"
+        )
+    if image_index.dtype.is_floating_point or image_index.dtype == torch.bool:
+        raise ValueError(f"quality_features: image_index must be integers, got {image_index.dtype}")
+    for k, image in enumerate(images):
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+            raise ValueError(f"quality_features: image {k} must be a non-empty H x W x 3 uint8 BGR tensor, got {image.dtype} {tuple(image.shape)}")
+        if image.device != boxes.device:
+            raise ValueError(f"quality_features: image {k} is on {image.device}, the detections on {boxes.device}")
 
 
-def quality_features(images, image_index, boxes, scores, landmarks):  # type: ignore[no-untyped-def]
-    """(F, 9) float32 tensor of the FaceQuality fields of every face of a batch, on the boxes' device.
+def quality_features(
+    images: Sequence[Tensor],
+    image_index: Tensor,
+    boxes: Tensor,
+    scores: Tensor,
+    landmarks: Tensor,
+    chunk_pixels: int = CHUNK_PIXELS,
+) -> Tensor:
+    """Every quality score of the F faces of a batch of images, on the images' device.
 
-    images: per image an H x W x 3 uint8 BGR array or tensor; image_index: (F,) the image of each
-    face; boxes (F, 4), scores (F,), landmarks (F, 5, 2) tensors.
+    images: N tensors (H_i, W_i, 3) uint8 BGR, of any sizes, on one device; image_index (F,)
+    integer: the image of each face (in any order); boxes (F, 4) x1, y1, x2, y2, scores (F,),
+    landmarks (F, 5, 2), in pixels of the face's image, on that device. Returns
+    (F, len(QUALITY_COLUMNS)) float32, columns in ``schemas.annotation.QUALITY_COLUMNS`` order
+    (face_size, sharpness, yaw, pitch, roll, brightness, contrast, exposure, quality; see
+    :class:`FaceQuality`). ``chunk_pixels`` bounds the crop pixels read at once (CHUNK_PIXELS).
+
+    Host work and transfers are per batch, not per face or pixel: the boxes and image indices
+    come to the host once to plan the reads (:class:`_Layout`), the plan's per-face arrays go to
+    the device once, and the pixels are read with one index_select per image and chunk.
     """
-    import dataclasses
+    _check_inputs(images, image_index, boxes, scores, landmarks)
+    device = boxes.device
+    if len(boxes) == 0:
+        return torch.zeros((0, len(QUALITY_COLUMNS)), dtype=torch.float32, device=device)
+    with torch.no_grad():
+        # One transfer to the host: the boxes and image indices (whole numbers, exact in float64).
+        host = torch.cat([boxes.to(torch.float64), image_index.to(torch.float64)[:, None]], dim=1).cpu().numpy()
+        host_boxes, face_image = host[:, :4], host[:, 4].astype(np.int64)
+        if face_image.min() < 0 or face_image.max() >= len(images):
+            raise ValueError(f"quality_features: image_index must lie in [0, {len(images)}) for {len(images)} images")
+        in_order = bool((np.diff(face_image) >= 0).all())
+        if not in_order:
+            host_order = np.argsort(face_image, kind="stable")
+            order = torch.from_numpy(host_order).to(device)
+            boxes, scores, landmarks = boxes[order], scores[order], landmarks[order]
+            host_boxes, face_image = host_boxes[host_order], face_image[host_order]
+        sizes = np.array([image.shape[:2] for image in images], np.int64)[face_image]
+        rectangles = crop_rectangles(host_boxes, sizes)
+        layout = _layout(rectangles, sizes[:, 1], face_image, chunk_pixels).to(device)
+        set_sums, integrals, samples = _read_runs([image.contiguous() for image in images], layout)
+        sharp = sharpness(resized_crops(integrals, samples, layout), layout.valid)
+        brightness, contrast, exposure = sample_statistics(set_sums[layout.sample_set], layout.samples)
+        yaw, pitch, roll = pose_angles(landmarks)
+        columns = torch.stack([face_size(boxes), sharp, yaw, pitch, roll, brightness, contrast, exposure, torch.zeros_like(sharp)], dim=1)
+        columns[:, -1] = composite_quality(QUALITY_MODEL, model_features(scores, columns))
+        if in_order:
+            return columns
+        result = torch.empty_like(columns)
+        result[order] = columns
+        return result
 
-    import torch
 
-    fields = [f.name for f in dataclasses.fields(FaceQuality)]
-    out = torch.zeros((len(scores), len(fields)), dtype=torch.float32)
-    index = image_index.cpu().numpy()
-    b, s, lm = (t.cpu().numpy() for t in (boxes, scores, landmarks))
-    for i in np.unique(index):
-        rows = np.flatnonzero(index == i)
-        image = images[i]
-        pixels = image.cpu().numpy() if isinstance(image, torch.Tensor) else image
-        q = face_quality(np.ascontiguousarray(pixels), b[rows], s[rows], lm[rows])
-        out[torch.from_numpy(rows)] = torch.from_numpy(np.stack([getattr(q, f) for f in fields], axis=1))
-    return out.to(boxes.device)
+def face_quality(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray) -> FaceQuality:
+    """All quality scores of the N faces (boxes (N, 4), scores (N,), landmarks (N, 5, 2)) of one
+    H x W x 3 uint8 BGR image: :func:`quality_features` on the CPU."""
+    columns = quality_features(
+        [torch.from_numpy(np.ascontiguousarray(image))],
+        torch.zeros(len(boxes), dtype=torch.int64),
+        torch.from_numpy(np.asarray(boxes)),
+        torch.from_numpy(np.asarray(scores)),
+        torch.from_numpy(np.asarray(landmarks)),
+    )
+    return FaceQuality.from_columns(columns)
