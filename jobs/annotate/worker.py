@@ -262,7 +262,8 @@ class ShardAnnotator:
         pixels = [images[i].image for i in ok]
         found = self.detector.detect_faces(pixels, self.config.batch_size)
         scored = time.perf_counter()
-        quality = quality_features(pixels, found.image_index, found.boxes, found.scores, found.landmarks)
+        tensors = [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in pixels]
+        quality = quality_features(tensors, found.image_index, found.boxes, found.scores, found.landmarks)
         rows = torch.cat([found.boxes, found.scores[:, None], found.landmarks.reshape(-1, 10), quality.to(found.boxes.device)], dim=1)
         host, counts = rows.cpu().numpy(), found.counts().cpu().numpy()
         end = time.perf_counter()
