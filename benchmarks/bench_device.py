@@ -12,7 +12,8 @@ Four parts, on a realistic mix of photo sizes (``../shared/widerface/val_image_s
    job's window, after :meth:`Detector.warm_up` (its seconds are printed): images/s for each
    precision and batch size asked for, and with ``--tta`` the same for that setting.
 4. **Job** (unless ``--no-job``): ``python -m jobs.annotate`` on ``--job-images`` JPEG files in a
-   local folder, with the job's defaults for one device (``--num-gpus-per-actor`` on a GPU):
+   local folder, with the job's recommended settings for one GPU (:data:`GPU_JOB_FLAGS`; more
+   flags with ``--job-arg``, the last of a flag given twice wins):
    images/s over the whole run and in the steady state after the first shard commits (from the
    committed files' times), start-up seconds (start to first commit), the GPU's busy fraction
    in the steady state (``nvidia-smi``), and host milliseconds per image by stage (the rows'
@@ -239,6 +240,10 @@ def write_photos(photos: list[np.ndarray], folder: Path, count: int) -> None:
         os.link(folder / f"{i % len(photos):07d}.jpg", folder / f"{i:07d}.jpg")
 
 
+GPU_JOB_FLAGS = ["--num-gpus-per-actor", "0.25", "--num-cpus-per-actor", "2", "--batch-size", "64", "--decode-threads", "4"]
+"""The job's recommended settings for one GPU (docs/annotate.md, infra/k8s/rayjob-annotate.yaml)."""
+
+
 class GpuSampler:
     """``nvidia-smi``'s utilisation of GPU 0 every 0.2 s, with the time of each sample."""
 
@@ -283,7 +288,7 @@ def job_run(
         output = work / "faces"
         command = [
             sys.executable, "-m", "jobs.annotate", "--input", str(work / "photos"), "--output", str(output),
-            "--scale", scale, "--precision", precision, *(["--num-gpus-per-actor", "1"] if on_gpu else []), *job_args,
+            "--scale", scale, "--precision", precision, *(GPU_JOB_FLAGS if on_gpu else []), *job_args,
         ]
         print(f"\n## Job: {count} JPEG files in a local folder, {device}, {precision}: {' '.join(command[1:])}\n", flush=True)
         sampler = GpuSampler() if on_gpu else None

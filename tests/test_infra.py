@@ -163,7 +163,9 @@ def test_resource_requests_agree_between_cluster_and_jobs():
         assert gpus_per_node % config.num_gpus_per_actor == 0
         assert config.num_cpus_per_actor <= cpus_gpu_node
         assert config.actors <= gpu["maxReplicas"] * gpus_per_node / config.num_gpus_per_actor
-        assert config.decode_mode == "tasks" and config.decode_cpus <= cpus_cpu_node
+        # Several actors share a GPU (each decodes its JPEGs there); together they fit the node's CPUs.
+        assert config.decode_mode == "actor"
+        assert config.num_cpus_per_actor * gpus_per_node / config.num_gpus_per_actor <= cpus_gpu_node
     train = [parse_job(m, a) for _, m, a in job_commands() if m == "jobs.train"]
     assert train
     for config in train:
