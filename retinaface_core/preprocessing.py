@@ -2,8 +2,8 @@
 
 Images come as H x W x 3 uint8 BGR numpy arrays (resized with OpenCV on the host, stacked in
 host memory) or as torch uint8 tensors of that shape on any device (resized and stacked where
-they are, so that pixels decoded on a GPU never leave it). Both give the same canvas up to the
-rounding of the bilinear weights.
+they are, so that pixels decoded on a GPU never leave it, with OpenCV's integer arithmetic:
+:func:`resize_tensor`). Both give the same canvas.
 
 Which images share a forward pass, and on what canvas, is :mod:`batching`'s choice. With the
 ``exact`` policy the tensor an image runs through depends only on that image and the scale
@@ -25,7 +25,6 @@ from typing import Literal
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .batching import BatchingPolicy, PlannedBatch, canvas_ladder, plan_batches
@@ -196,13 +195,42 @@ def _resize_into(image: np.ndarray, out: np.ndarray, rh: int, rw: int, fill: tup
 
 
 def resize_tensor(image: Tensor, height: int, width: int) -> Tensor:
-    """(H, W, C) uint8 tensor -> (height, width, C) uint8 on its device, bilinear like
-    ``cv2.INTER_LINEAR`` (pixel centres aligned, no antialiasing), rounded to the nearest level."""
-    if tuple(image.shape[:2]) == (height, width):
+    """(H, W, C) uint8 tensor -> (height, width, C) uint8 on its device, as ``cv2.resize`` with
+    ``INTER_LINEAR`` computes it for uint8 images.
+
+    OpenCV's bilinear resize of 8-bit images is fixed-point: each output pixel takes two taps
+    per axis at pixel-centre-aligned positions, with weights rounded to 1/2048; the horizontal
+    sums are kept as integers and the vertical pass is done in 16-bit lanes (the horizontal sums
+    shifted right by 4, products' high halves, a final rounding shift by 2). Doing the same integer
+    arithmetic here gives the host's pixels on the device (bit-exact when shrinking on the CPUs
+    tried, off by one level in a few pixels when enlarging), so detections do not depend on
+    where an image was decoded. An exact halving, which OpenCV does as an area average, is one.
+    """
+    in_height, in_width = int(image.shape[0]), int(image.shape[1])
+    if (in_height, in_width) == (height, width):
         return image
-    x = image.permute(2, 0, 1).unsqueeze(0).float()
-    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
-    return x.squeeze(0).permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8)
+    x = image.to(torch.int32)
+    if (in_height, in_width) == (2 * height, 2 * width):
+        return ((x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2] + 2) >> 2).to(torch.uint8)
+    rows0, rows1, row_w0, row_w1 = _linear_taps(in_height, height, image.device)
+    cols0, cols1, col_w0, col_w1 = _linear_taps(in_width, width, image.device)
+    horizontal = x[:, cols0] * col_w0[None, :, None] + x[:, cols1] * col_w1[None, :, None]
+    vertical = ((horizontal[rows0] >> 4) * row_w0[:, None, None] >> 16) + ((horizontal[rows1] >> 4) * row_w1[:, None, None] >> 16)
+    return ((vertical + 2) >> 2).clamp_(0, 255).to(torch.uint8)
+
+
+def _linear_taps(size: int, out: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """OpenCV's bilinear taps along an axis of ``size`` pixels resized to ``out``: first and
+    second source index and their weights in 1/2048 (int32), edges clamped as OpenCV does."""
+    position = ((torch.arange(out, dtype=torch.float64, device=device) + 0.5) * (size / out) - 0.5).float()
+    first = torch.floor(position)
+    fraction = position - first
+    first = first.long()
+    outside = (first < 0) | (first >= size - 1)
+    fraction = torch.where(outside, torch.zeros_like(fraction), fraction)
+    first = first.clamp(0, size - 1)
+    second = (first + 1).clamp(max=size - 1)
+    return first, second, torch.round((1 - fraction) * 2048).int(), torch.round(fraction * 2048).int()
 
 
 def to_network_input(

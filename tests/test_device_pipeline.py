@@ -202,3 +202,52 @@ assert len(list_input({str(tmp_path)!r})) == 1 and read_image({str(tmp_path / "a
 assert "s3fs" not in sys.modules
 """
     subprocess.run([sys.executable, "-c", script], cwd=repo_root, check=True)
+
+
+def test_ap_of_the_device_path_on_the_shared_wider_val_images(published, shared_dir, gt_dir):
+    """The device path (pixels as tensors, resized by torch, NMS batched) on a CPU: the AP of the
+    reference path (arrays resized by OpenCV, OpenCV's NMS) within 0.1 pt on every level."""
+    from retinaface_core.evaluation import evaluate
+    from retinaface_core.postprocessing import FaceBatch
+    from retinaface_core.widerface import read_ground_truth_mat, submission_rows
+
+    root = shared_dir / "widerface/val/images"
+    paths = sorted(root.glob("*/*.jpg"))
+    images = [cv2.imread(str(p)) for p in paths]
+    detector = Detector(published, scale="long:640", score_threshold=0.02, batching="bucket")
+    gt = read_ground_truth_mat(str(gt_dir))
+
+    def ap(found) -> dict[str, float]:
+        rows = {str(p.relative_to(root).with_suffix("")): submission_rows(d.boxes, d.scores) for p, d in zip(paths, found)}
+        return {level: 100 * value for level, value in evaluate(rows, gt, subset=True).ap.items()}
+
+    reference = ap(detector.detect(images, batch_size=8))
+    # What a GPU runs: tensors resized by torch, and the batched NMS instead of OpenCV's.
+    tensors = [torch.from_numpy(image) for image in images]
+    parts = []
+    for group in detector._groups(tensors, detector.scale, 8):
+        candidates = detector.candidates(group)
+        keep = batched_nms(candidates.boxes, candidates.scores, 0.4, 0.02)
+        keep &= keep.cumsum(dim=1) <= 750
+        rows, columns = keep.nonzero(as_tuple=True)
+        faces = FaceBatch(rows, candidates.boxes[rows, columns], candidates.scores[rows, columns], candidates.landmarks[rows, columns], len(group.indices))
+        parts.append((faces, group.indices))
+    device_path = ap(FaceBatch.merge(parts, len(images), torch.device("cpu")).detections())
+    print(f"AP reference {reference}\nAP device path {device_path}")
+    for level in reference:
+        assert abs(device_path[level] - reference[level]) <= 0.1, (level, reference, device_path)
+
+
+def test_device_resize_gives_opencvs_pixels(crowds, shared_dir):
+    from retinaface_core.preprocessing import resize_tensor
+
+    photos = crowds + [cv2.imread(str(p)) for p in sorted((shared_dir / "widerface/val/images").glob("*/*.jpg"))[:4]]
+    for image in photos:
+        h, w = image.shape[:2]
+        for size in ((round(h * 640 / max(h, w)), round(w * 640 / max(h, w))), (h // 2, w // 2), (h * 2 // 3, w * 3 // 5), (h + 37, w + 51)):
+            expected = cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR)
+            resized = resize_tensor(torch.from_numpy(image), *size).numpy()
+            differs = np.abs(expected.astype(np.int16) - resized)
+            assert differs.max() <= 1 and (differs > 0).mean() < 1e-3, (image.shape, size, (differs > 0).mean())
+            if size[0] < h:  # shrinking: bit-exact
+                assert differs.max() == 0, (image.shape, size)
