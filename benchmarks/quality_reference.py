@@ -25,6 +25,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -88,10 +89,13 @@ def reference_module() -> ModuleType:
         ["git", "show", f"{REFERENCE_COMMIT}:retinaface_core/quality.py"], cwd=REPO_ROOT, check=True, capture_output=True, text=True
     ).stdout
     name = "retinaface_core._quality_reference"
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
-    module.__package__ = "retinaface_core"
-    sys.modules[name] = module
-    exec(compile(source, f"{REFERENCE_COMMIT}:retinaface_core/quality.py", "exec"), module.__dict__)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "quality_reference.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
     return module
 
 
@@ -200,9 +204,7 @@ def compare(shared: Path, threads: int, repeats: int) -> None:
     cv2.setNumThreads(threads)
     photos = load_fixture(shared)
     expected = np.concatenate([np.stack([p[c] for c in QUALITY_COLUMNS], axis=1) for p in photos])
-    per_image = np.concatenate(
-        [np.stack([getattr(face_quality(p["image"], p["boxes"], p["scores"], p["landmarks"]), c) for c in QUALITY_COLUMNS], axis=1) for p in photos]
-    )
+    per_image = np.concatenate([face_quality(p["image"], p["boxes"], p["scores"], p["landmarks"]).columns().numpy() for p in photos])
     batch = batched(photos)
     print(f"{len(expected)} faces of {len(photos)} photos; largest |difference| from the reference ({REFERENCE_COMMIT}):")
     print("| score | face_quality | quality_features |")

@@ -10,8 +10,8 @@ seen in the image) in pixels of the H x W x 3 uint8 BGR image.
 The crop-based scores (sharpness, brightness, contrast, exposure) read each face's box rounded
 and clipped to its image (:func:`crop_rectangles`). The crops' pixels are gathered as *runs*, one
 per crop row (sharpness) or per sampled row (the grey-level statistics), for every face of the
-batch together; no pixel outside the crops is read, and the runs are gathered in chunks of at
-most ``chunk_pixels`` pixels (a crop larger than that is split between rows), so memory stays
+batch together; no pixel outside the crops is read, and the runs are gathered in chunks of about
+``chunk_pixels`` pixels (a crop larger than that is split between rows), so memory stays
 bounded whatever the number and size of faces. Each score equals, to float rounding, the
 OpenCV computation it was first written with (``benchmarks/quality_reference.py`` measures it;
 ``tests/data/quality_reference.json`` holds that implementation's values).
@@ -30,14 +30,15 @@ WIDER FACE attribute labels; :data:`QUALITY_MODEL_VERSION` names it. How well ea
 separates those labels is measured by ``benchmarks/quality_auc.py`` (figures in
 ``docs/annotate.md``).
 
-Sums and the pose run in float64 (exact integer sums of grey levels; CPU and CUDA support it).
+Grey-level sums are exact (int64); the summed-area table, the pose and the composite are float64,
+which CPUs and CUDA devices have (Apple's MPS has not).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from importlib import resources
 
@@ -87,7 +88,7 @@ GREY_SHIFT = 15
 
 CHUNK_PIXELS = 1 << 20
 """Crop pixels read at once: bounds the working memory (about 60 bytes per pixel, besides about
-200 bytes per crop row of the batch) whatever the number and size of the faces, while keeping
+250 bytes per crop row of the batch) whatever the number and size of the faces, while keeping
 the chunks of a batch few."""
 
 
@@ -98,8 +99,9 @@ class FaceQuality:
 
     face_size: short side of the box, px. sharpness: in [0, 1], see :func:`sharpness`.
     yaw, pitch, roll: degrees, see :func:`pose_angles`. brightness: mean grey level of the box
-    in [0, 1]. contrast: RMS contrast (standard deviation of the grey levels) in [0, 1].
-    exposure: 1 - fraction of clipped pixels, in [0, 1], see :func:`exposure`. quality: the
+    in [0, 1]. contrast: RMS contrast (standard deviation of the grey levels) in [0, 1]; both
+    see :func:`sample_statistics`.
+    exposure: 1 - fraction of clipped pixels, in [0, 1], see :func:`sample_statistics`. quality: the
     composite in [0, 1], see :func:`composite_quality`.
     """
 
@@ -149,22 +151,16 @@ def pose_angles(landmarks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
       position from the eye line (0) to the mouth line (1) and t0 = FRONTAL_NOSE_POSITION, by
       the same projection argument along the midline.
     """
-    lm = landmarks.to(torch.float64)
-    left_eye, right_eye, nose = lm[:, 0], lm[:, 1], lm[:, 2]
-    eyes = (left_eye + right_eye) / 2
-    mouth = (lm[:, 3] + lm[:, 4]) / 2
-    eye_line = right_eye - left_eye
-    roll = torch.rad2deg(torch.atan2(eye_line[:, 1], eye_line[:, 0]))
-    midline = mouth - eyes
-    length = torch.linalg.vector_norm(midline, dim=1).clamp(min=1e-6)
-    u = midline / length[:, None]
-    v = torch.stack([u[:, 1], -u[:, 0]], dim=1)
-    to_nose = nose - eyes
-    iod = torch.linalg.vector_norm(eye_line, dim=1).clamp(min=1e-6)
-    yaw = torch.rad2deg(torch.atan((to_nose * v).sum(1) / (NOSE_DEPTH * iod)))
-    t = (to_nose * u).sum(1) / length
-    pitch = torch.rad2deg(torch.atan((FRONTAL_NOSE_POSITION - t) / NOSE_DEPTH_VERTICAL))
-    return yaw.to(torch.float32), pitch.to(torch.float32), roll.to(torch.float32)
+    # Points as complex numbers x + iy: n * conj(m) / |m| has real part n . u and imaginary part -(n . v).
+    points = torch.view_as_complex(landmarks.to(torch.float64).contiguous())
+    eyes, mouth = points[:, :2].mean(1), points[:, 3:].mean(1)
+    eye_line, midline, to_nose = points[:, 1] - points[:, 0], mouth - eyes, points[:, 2] - eyes
+    length, iod = torch.stack([midline, eye_line]).abs().clamp(min=1e-6)
+    nose = to_nose * midline.conj() / length
+    across = torch.stack([-nose.imag, FRONTAL_NOSE_POSITION - nose.real / length, eye_line.imag])
+    scale = torch.stack([NOSE_DEPTH * iod, torch.full_like(iod, NOSE_DEPTH_VERTICAL), eye_line.real])
+    yaw, pitch, roll = torch.rad2deg(torch.atan2(across, scale)).to(torch.float32)
+    return yaw, pitch, roll
 
 
 def crop_rectangles(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -215,14 +211,12 @@ def _linear_positions(extent: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
 @dataclass(frozen=True)
 class _Chunk:
     """Runs [first_run, end_run) and pixels [first_pixel, end_pixel) of a batch, gathered together;
-    ``stretches``: (image, first pixel, end pixel) of its parts, each within one image;
-    ``unit_step``: whether all its runs are whole crop rows or samples one column apart."""
+    ``stretches``: (image, first pixel, end pixel) of its parts, each within one image."""
 
     first_run: int
     end_run: int
     first_pixel: int
     end_pixel: int
-    unit_step: bool
     stretches: list[tuple[int, int, int]]
 
 
@@ -239,20 +233,23 @@ class _Layout:
     pixel t of run r of set p lies at flat position ``base[p] + (r - first_run[p]) * advance[p]
     + t * step[p]`` of its image.
 
-    Per set: ``count`` (S,) int64, its runs, and ``sets`` (S, 6) int64: first_run, base, advance,
-    first_pixel, length (pixels per run), step. Per set, (SHARPNESS_SIZE + 7, S) int64 ``columns`` and (SHARPNESS_SIZE + 4, S)
-    ``column_weights`` (zero for sample sets): the pixel of a crop row that each of the
-    SHARPNESS_SIZE + 1 area boundaries lies in, then the two pixels of each of the 3 linear
-    samples; the fraction of the pixel before each boundary, then the linear weights. Per face
-    (F,): the same across rows, as run numbers, ``rows`` (F, SHARPNESS_SIZE + 7) and
-    ``row_weights`` (F, SHARPNESS_SIZE + 4); ``first_row``, its first run; ``valid``
-    (F, SHARPNESS_SIZE - 2) 1.0 for its inner resized samples; ``cell_factor`` side^2 / (h w),
-    the inverse of an area cell; ``linear`` (bool) resized linearly; ``sample_set``, the set its
-    grey-level statistics are counted on, and ``samples`` (float64) their number.
+    Per run, ``runs`` (R, 5) int64: its set, its first pixel in the batch's numbering, its length,
+    and the second differences of the flat image positions of the chunk's pixels at its first
+    pixel and at the one after (see :func:`_pixel_positions`).
+    Per set, ``set_runs`` (S, 2) int64: its first run and the run after its last; (S,
+    SHARPNESS_SIZE + 7) int64 ``columns`` and (S, SHARPNESS_SIZE + 4) ``column_weights`` (zero for
+    sample sets): the pixel of a crop row that each of the SHARPNESS_SIZE + 1 area boundaries lies in,
+    then the two pixels of each of the 3 linear samples; the fraction of the pixel before each
+    boundary, then the linear weights. Per face (F,): the same across rows, as run numbers,
+    ``rows`` (F, SHARPNESS_SIZE + 7) and ``row_weights`` (F, SHARPNESS_SIZE + 4); ``first_row``,
+    its first run; ``valid`` (F, SHARPNESS_SIZE - 2) 1.0 for its inner resized samples;
+    ``cell_factor`` side^2 / (h w), the inverse of an area cell; ``linear`` (bool) resized
+    linearly; ``sample_set``, the set its grey-level statistics are counted on, and ``samples``
+    (float64) their number.
     """
 
-    count: np.ndarray
-    sets: np.ndarray
+    runs: np.ndarray
+    set_runs: np.ndarray
     columns: np.ndarray
     column_weights: np.ndarray
     rows: np.ndarray
@@ -263,11 +260,11 @@ class _Layout:
     linear: np.ndarray
     sample_set: np.ndarray
     samples: np.ndarray
-    total_runs: int
     chunks: list[_Chunk]
 
     def to(self, device: torch.device) -> _Layout:
-        """The same plan with its arrays on ``device``, moved in one transfer per dtype."""
+        """The same plan with its arrays on ``device``, moved in one transfer per dtype (a few small
+        copies rather than one per array)."""
         arrays = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), np.ndarray)}
         moved = {}
         for dtype in {a.dtype for a in arrays.values()}:
@@ -295,6 +292,19 @@ def _layout(rectangles: np.ndarray, widths: np.ndarray, face_image: np.ndarray, 
     step = np.where(sample, col_step[face], 1)
     run_end, pixel_end = np.cumsum(count), np.cumsum(count * length)
     first_run, first_pixel = run_end - count, pixel_end - count * length
+    run_set = np.repeat(np.arange(len(face)), count)
+    index = np.arange(len(run_set)) - first_run[run_set]
+    row_advance = np.where(sample, row_step[face], 1) * widths[face]
+    chunks = _chunks(count, length, run_end, pixel_end, face_image[face], chunk_pixels)
+    # Each run's first and last pixel in its image, and the change of position entering it
+    # (from the previous run's last pixel, or from 0 where a chunk starts).
+    run_step = step[run_set]
+    run_first = (y1 * widths + x1)[face][run_set] + index * row_advance[run_set]
+    run_last = run_first + (length[run_set] - 1) * run_step
+    jump, previous_step = run_first - np.roll(run_last, 1), np.roll(run_step, 1)
+    chunk_starts = [chunk.first_run for chunk in chunks]
+    jump[chunk_starts], previous_step[chunk_starts] = run_first[chunk_starts], 0
+    runs = np.stack([run_set, first_pixel[run_set] + index * length[run_set], length[run_set], jump - previous_step, run_step - jump], axis=1)
 
     sides = np.clip(np.minimum(height, width), MIN_SHARPNESS_SIZE, SHARPNESS_SIZE)
     col_pixel, col_fraction = _area_positions(width, sides)
@@ -306,13 +316,11 @@ def _layout(rectangles: np.ndarray, widths: np.ndarray, face_image: np.ndarray, 
     column_weights = np.zeros((len(face), SHARPNESS_SIZE + 4))
     column_weights[row_set] = np.concatenate([col_fraction, col_weight], axis=1)
     first_row = first_run[row_set]
-    base = (y1 * widths + x1)[face] - first_pixel * step
-    advance = np.where(sample, row_step[face], 1) * widths[face] - length * step
     return _Layout(
-        count=count,
-        sets=np.stack([first_run, base, advance, first_pixel, length, step], axis=1),
-        columns=np.ascontiguousarray(columns.T),
-        column_weights=np.ascontiguousarray(column_weights.T),
+        runs=runs,
+        set_runs=np.stack([first_run, run_end], axis=1),
+        columns=columns,
+        column_weights=column_weights,
         rows=first_row[:, None] + np.concatenate([row_pixel, row_low, row_high], axis=1),
         row_weights=np.concatenate([row_fraction, row_weight], axis=1),
         first_row=first_row,
@@ -321,15 +329,17 @@ def _layout(rectangles: np.ndarray, widths: np.ndarray, face_image: np.ndarray, 
         linear=np.minimum(height, width) < MIN_SHARPNESS_SIZE,
         sample_set=row_set + strided,
         samples=(sample_rows * sample_cols).astype(np.float64),
-        total_runs=int(run_end[-1]),
-        chunks=_chunks(count, length, step, run_end, pixel_end, face_image[face], chunk_pixels),
+        chunks=chunks,
     )
 
 
-def _chunks(count: np.ndarray, length: np.ndarray, step: np.ndarray, run_end: np.ndarray, pixel_end: np.ndarray, set_image: np.ndarray, chunk_pixels: int) -> list[_Chunk]:
-    """Whole runs in chunks of at most ``chunk_pixels`` pixels (a longer run alone), cut into
-    stretches where the image changes. Per set (S,): count, length, step, cumulative runs and
-    pixels, image."""
+def _chunks(
+    count: np.ndarray, length: np.ndarray, run_end: np.ndarray, pixel_end: np.ndarray, set_image: np.ndarray, chunk_pixels: int
+) -> list[_Chunk]:
+    """Whole runs in chunks, each ending at the first run end at or after a multiple of
+    ``chunk_pixels`` (so at most ``chunk_pixels`` pixels plus one run, a crop row), cut into
+    stretches where the image changes. Per set (S,): count, length, cumulative runs and pixels,
+    image."""
     run_start, pixel_start = run_end - count, pixel_end - count * length
     total_runs, total_pixels = int(run_end[-1]), int(pixel_end[-1])
     targets = np.arange(1, -(-total_pixels // chunk_pixels)) * chunk_pixels
@@ -339,16 +349,14 @@ def _chunks(count: np.ndarray, length: np.ndarray, step: np.ndarray, run_end: np
     chunk_cuts = set(zip(chunk_runs.tolist(), (pixel_start[target_set] + within * length[target_set]).tolist()))
     image_starts = np.flatnonzero(np.diff(set_image, prepend=-1))
     image_cuts = set(zip(run_start[image_starts].tolist(), pixel_start[image_starts].tolist()))
-    cuts = sorted((chunk_cuts | image_cuts | {(0, 0)}) - {(total_runs, total_pixels)}) + [(total_runs, total_pixels)]
+    cuts = sorted((chunk_cuts | image_cuts) - {(total_runs, total_pixels)}) + [(total_runs, total_pixels)]
     chunk_starts = set(chunk_runs.tolist())
     cut_sets = np.searchsorted(run_end, [run for run, _ in cuts], side="right")
     chunks, stretches, first = [], [], 0
     for k in range(len(cuts) - 1):
         stretches.append((int(set_image[cut_sets[k]]), cuts[k][1], cuts[k + 1][1]))
         if cuts[k + 1][0] in chunk_starts or k == len(cuts) - 2:
-            last_set = np.searchsorted(run_end, cuts[k + 1][0] - 1, side="right")
-            unit_step = bool((step[cut_sets[first] : last_set + 1] == 1).all())
-            chunks.append(_Chunk(cuts[first][0], cuts[k + 1][0], cuts[first][1], cuts[k + 1][1], unit_step, stretches))
+            chunks.append(_Chunk(cuts[first][0], cuts[k + 1][0], cuts[first][1], cuts[k + 1][1], stretches))
             stretches, first = [], k + 1
     return chunks
 
@@ -360,54 +368,60 @@ def _take(source: Tensor, index: Tensor, dim: int = 0) -> Tensor:
     return taken.view(*source.shape[:dim], *index.shape, *source.shape[dim + 1 :])
 
 
+def _pixel_positions(start: Tensor, entering: Tensor, leaving: Tensor, total: int) -> Tensor:
+    """Flat image positions (total,) int32 of a chunk's pixels, runs laid end to end from (R,)
+    ``start``: the running sum of the running sum of their second difference, which is non-zero
+    only at a run's first pixel (``entering``) and the one after (``leaving``; :func:`_layout`
+    has both). repeat_interleave would do, but its CPU kernel starts threads for any size."""
+    change = torch.zeros(total + 1, dtype=torch.int32, device=start.device)
+    change.index_put_((start,), entering.to(torch.int32), accumulate=True)
+    change.index_put_((start + 1,), leaving.to(torch.int32), accumulate=True)
+    return torch.cumsum(torch.cumsum(change[:total], 0, dtype=torch.int32), 0, dtype=torch.int32)
+
+
 def _read_runs(images: Sequence[Tensor], layout: _Layout) -> tuple[Tensor, Tensor, Tensor]:
     """Read every run of ``layout`` (on the images' device) from the images, chunk by chunk, and
     reduce each run to a few numbers.
 
     Returns ``sums`` (S, 3) float64 per set: of its grey levels, their squares and its clipped
-    pixels (see CLIP_MARGIN); per run (R,), for crop-row runs: ``integrals``
-    (SHARPNESS_SIZE + 1, R) float64, the running sum of the row's grey levels at each area
-    boundary (whole pixels plus the fraction of the next), and ``samples`` (3, R), its grey
-    levels interpolated at the linear sample columns.
+    pixels (see CLIP_MARGIN); per run, for crop-row runs: ``integrals`` (R, SHARPNESS_SIZE + 1)
+    float64, the running sum of the row's grey levels at each area boundary (whole pixels plus
+    the fraction of the next), and ``samples`` (R, 3), its grey levels interpolated at the
+    linear sample columns.
     """
-    device = layout.count.device
-    sets = torch.repeat_interleave(torch.arange(len(layout.count), device=device), layout.count, output_size=layout.total_runs)
+    device = layout.runs.device
     area, low, high = SHARPNESS_SIZE + 1, SHARPNESS_SIZE + 4, SHARPNESS_SIZE + 7
     sums, integrals, samples = [], [], []
     for chunk in layout.chunks:
-        run_sets = sets[chunk.first_run : chunk.end_run]
-        first_run, base, advance, first_pixel, length, step = _take(layout.sets, run_sets).unbind(1)
-        index = torch.arange(chunk.first_run, chunk.end_run, device=device) - first_run
+        run_set, start, length, entering, leaving = layout.runs[chunk.first_run : chunk.end_run].unbind(1)
+        start = start - chunk.first_pixel
         total = chunk.end_pixel - chunk.first_pixel
-        # Image positions fit int32 (half the index traffic of int64) once counted from the chunk's start.
-        where = torch.repeat_interleave((base + index * advance + chunk.first_pixel * step).to(torch.int32), length, output_size=total)
-        positions = torch.arange(total, dtype=torch.int32, device=device)
-        if not chunk.unit_step:
-            positions *= torch.repeat_interleave(step.to(torch.int32), length, output_size=total)
-        where += positions
+        where = _pixel_positions(start, entering, leaving, total)
         pixels = torch.empty((total, 3), dtype=torch.uint8, device=device)
-        for image, start, end in chunk.stretches:
-            part = slice(start - chunk.first_pixel, end - chunk.first_pixel)
+        for image, begin, end in chunk.stretches:
+            part = slice(begin - chunk.first_pixel, end - chunk.first_pixel)
             torch.index_select(images[image].view(-1, 3), 0, where[part], out=pixels[part])
         grey = grey_levels(pixels)
         blue, green, red = pixels.unbind(1)
         brightest = torch.maximum(torch.maximum(blue, green), red)
         clipped = (brightest <= CLIP_MARGIN).logical_or_(brightest >= 255 - CLIP_MARGIN)
-        # before[:, t]: sums of the grey levels, their squares and the clipped pixels before pixel t.
-        before = torch.empty((3, total + 1), dtype=torch.int64, device=device)
+        # before[:, t]: sums of the grey levels, their squares and the clipped pixels before pixel t
+        # (whole numbers, exact in float64).
+        before = torch.empty((3, total + 1), dtype=torch.float64, device=device)
         before[:, 0] = 0
         for k, values in enumerate((grey, grey * grey, clipped)):
-            torch.cumsum(values, 0, dtype=torch.int64, out=before[k, 1:])
-        start = first_pixel + index * length - chunk.first_pixel
+            torch.cumsum(values, 0, dtype=torch.float64, out=before[k, 1:])
         at_start = torch.index_select(before, 1, start)
         sums.append(torch.index_select(before, 1, start + length) - at_start)
-        at = start + _take(layout.columns, run_sets, 1)
-        grey_at, weights = _take(grey, at).to(torch.float64), _take(layout.column_weights, run_sets, 1)
-        before_at = (_take(before[0], at[:area]) - at_start[0]).to(torch.float64)
-        integrals.append(before_at + weights[:area] * grey_at[:area])
-        samples.append(grey_at[area:low] + weights[area:] * (grey_at[low:high] - grey_at[area:low]))
-    set_sums = torch.zeros((3, len(layout.count)), dtype=torch.int64, device=device).index_add_(1, sets, torch.cat(sums, 1))
-    return set_sums.T.to(torch.float64), torch.cat(integrals, 1), torch.cat(samples, 1)
+        at = start[:, None] + _take(layout.columns, run_set)
+        grey_at, weights = _take(grey, at).to(torch.float64), _take(layout.column_weights, run_set)
+        before_at = _take(before[0], at[:, :area]) - at_start[0, :, None]
+        integrals.append(before_at + weights[:, :area] * grey_at[:, :area])
+        samples.append(grey_at[:, area:low] + weights[:, area:] * (grey_at[:, low:high] - grey_at[:, area:low]))
+    # Per set from the running sums over runs (index_add_ would start threads for any size).
+    running = torch.nn.functional.pad(torch.cumsum(torch.cat(sums, 1), 1), (1, 0))
+    set_sums = _take(running, layout.set_runs[:, 1], 1) - _take(running, layout.set_runs[:, 0], 1)
+    return set_sums.T, torch.cat(integrals), torch.cat(samples)
 
 
 def resized_crops(integrals: Tensor, samples: Tensor, layout: _Layout) -> Tensor:
@@ -418,17 +432,17 @@ def resized_crops(integrals: Tensor, samples: Tensor, layout: _Layout) -> Tensor
     An area average is an integral of the piecewise-constant image over a cell, and the integral
     from a crop's corner is bilinear within each pixel, so each cell is four samples of the crop's
     summed-area table at fractional corners. The table is built in two exact passes: per crop
-    row, its running sum at the column boundaries (``integrals`` (SHARPNESS_SIZE + 1, R) from
+    row, its running sum at the column boundaries (``integrals`` (R, SHARPNESS_SIZE + 1) from
     :func:`_read_runs`); per face, the running sum of those over its rows, at the row
-    boundaries. The linear case interpolates the rows' linear ``samples`` (3, R) between rows.
+    boundaries. The linear case interpolates the rows' linear ``samples`` (R, 3) between rows.
     """
     area, low, high = SHARPNESS_SIZE + 1, SHARPNESS_SIZE + 4, SHARPNESS_SIZE + 7
-    above = torch.cumsum(integrals, 1) - integrals
+    above = torch.cumsum(integrals, 0) - integrals
     rows = layout.rows[:, :area]
-    table = _take(above, rows, 1) - _take(above, layout.first_row, 1)[:, :, None] + layout.row_weights[:, :area] * _take(integrals, rows, 1)
-    cells = torch.diff(torch.diff(table.permute(1, 2, 0), dim=1), dim=2) * layout.cell_factor[:, None, None]
-    near, far = _take(samples, layout.rows[:, area:low], 1), _take(samples, layout.rows[:, low:high], 1)
-    linear = (near + layout.row_weights[:, area:] * (far - near)).permute(1, 2, 0)
+    table = _take(above, rows) - _take(above, layout.first_row)[:, None] + layout.row_weights[:, :area, None] * _take(integrals, rows)
+    cells = torch.diff(torch.diff(table, dim=1), dim=2) * layout.cell_factor[:, None, None]
+    near, far = _take(samples, layout.rows[:, area:low]), _take(samples, layout.rows[:, low:high])
+    linear = near + layout.row_weights[:, area:, None] * (far - near)
     pad = SHARPNESS_SIZE - MIN_SHARPNESS_SIZE
     return torch.where(layout.linear[:, None, None], torch.nn.functional.pad(linear, (0, pad, 0, pad)), cells)
 
@@ -447,11 +461,13 @@ def sharpness(resized: Tensor, valid: Tensor) -> Tensor:
     sampling limit; for a crop, a mean of that over its detail. Brightness and contrast cancel out
     (both terms scale alike).
     """
-    # L, then twice each gradient component: 4 |G|^2 is the sum of their squares.
-    kernels = resized.new_tensor([[[0, 1, 0], [1, -4, 1], [0, 1, 0]], [[0, 0, 0], [-1, 0, 1], [0, 0, 0]], [[0, -1, 0], [0, 0, 0], [0, 1, 0]]])
-    responses = torch.nn.functional.conv2d(resized[:, None], kernels[:, None]) ** 2
-    energy = (responses * (valid[:, :, None] * valid[:, None, :])[:, None]).sum((2, 3))
-    detail, total = energy[:, 0], energy.sum(1)
+    g = resized
+    centre = g[:, 1:-1, 1:-1]
+    laplacian = g[:, 1:-1, 2:] + g[:, 1:-1, :-2] + g[:, 2:, 1:-1] + g[:, :-2, 1:-1] - 4 * centre
+    # 4 |G|^2, G the central difference gradient.
+    gradient = (g[:, 1:-1, 2:] - g[:, 1:-1, :-2]) ** 2 + (g[:, 2:, 1:-1] - g[:, :-2, 1:-1]) ** 2
+    energy = (torch.stack([laplacian**2, gradient]) * (valid[:, :, None] * valid[:, None, :])).sum((2, 3))
+    detail, total = energy[0], energy[0] + energy[1]
     return torch.where(total > 0, detail / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0).to(torch.float32)
 
 
@@ -594,7 +610,9 @@ def _check_inputs(images: Sequence[Tensor], image_index: Tensor, boxes: Tensor, 
         raise ValueError(f"quality_features: image_index must be integers, got {image_index.dtype}")
     for k, image in enumerate(images):
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-            raise ValueError(f"quality_features: image {k} must be a non-empty H x W x 3 uint8 BGR tensor, got {image.dtype} {tuple(image.shape)}")
+            raise ValueError(
+                f"quality_features: image {k} must be a non-empty H x W x 3 uint8 BGR tensor, got {image.dtype} {tuple(image.shape)}"
+            )
         if image.device != boxes.device:
             raise ValueError(f"quality_features: image {k} is on {image.device}, the detections on {boxes.device}")
 
@@ -614,7 +632,8 @@ def quality_features(
     landmarks (F, 5, 2), in pixels of the face's image, on that device. Returns
     (F, len(QUALITY_COLUMNS)) float32, columns in ``schemas.annotation.QUALITY_COLUMNS`` order
     (face_size, sharpness, yaw, pitch, roll, brightness, contrast, exposure, quality; see
-    :class:`FaceQuality`). ``chunk_pixels`` bounds the crop pixels read at once (CHUNK_PIXELS).
+    :class:`FaceQuality`). ``chunk_pixels`` bounds the crop pixels read at once, give or take one
+    crop row (CHUNK_PIXELS).
 
     Host work and transfers are per batch, not per face or pixel: the boxes and image indices
     come to the host once to plan the reads (:class:`_Layout`), the plan's per-face arrays go to

@@ -213,7 +213,12 @@ def test_shipped_model_is_its_data_file():
 def test_composite_in_unit_interval_and_monotone():
     """Each feature moved in its known direction never lowers quality, and quality stays in [0, 1]."""
     rng = np.random.default_rng(0)
-    features = np.stack([rng.uniform(0.3, 1, 50), rng.uniform(2, 9, 50), rng.uniform(0.2, 0.7, 50)] + [rng.uniform(0, 60, 50)] * 3 + [rng.uniform(0, 1, 50)], axis=1)
+    features = np.stack(
+        [rng.uniform(0.3, 1, 50), rng.uniform(2, 9, 50), rng.uniform(0.2, 0.7, 50)]
+        + [rng.uniform(0, 60, 50)] * 3
+        + [rng.uniform(0, 1, 50)],
+        axis=1,
+    )
     q0 = composite_quality(QUALITY_MODEL, torch.from_numpy(features))
     assert q0.dtype == torch.float32 and ((q0 >= 0) & (q0 <= 1)).all()
     for k, name in enumerate(FEATURES):
@@ -253,7 +258,8 @@ def test_scores_separate_wider_labels(wider_faces):
 
 
 def test_no_faces():
-    q = face_quality(np.zeros((10, 10, 3), np.uint8), np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
+    nothing = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
+    q = face_quality(np.zeros((10, 10, 3), np.uint8), *nothing)
     assert len(q) == 0
     columns = quality_features([torch.zeros((10, 10, 3), dtype=torch.uint8)], *_no_detections())
     assert columns.shape == (0, len(QUALITY_COLUMNS)) and columns.dtype == torch.float32 and columns.device.type == "cpu"
@@ -318,6 +324,39 @@ def test_small_chunks_change_nothing(reference):
     np.testing.assert_allclose(_batch(photos, chunk_pixels=700), _batch(photos), rtol=0, atol=1e-9)
 
 
+def test_reads_are_chunked_on_a_large_crowd(shared_dir):
+    """A 9-MP photo with 300 faces of 2 to 1,500 px: the chunks the reads are planned in follow each
+    other, each holds at most chunk_pixels pixels plus one crop row and covers its runs exactly;
+    the scores of 15 of them, of every size, read in such chunks, are in range."""
+    from retinaface_core.quality import _layout, crop_rectangles
+
+    image = cv2.resize(read_image(str(shared_dir / "images/crowd_selfie.jpg")), (4000, 2245), interpolation=cv2.INTER_LINEAR)
+    rng = np.random.default_rng(0)
+    sizes = np.exp(rng.uniform(np.log(2), np.log(1500), 300))
+    corners = rng.uniform([-50, -50], [4000, 2245], (300, 2))
+    boxes = np.concatenate([corners, corners + sizes[:, None] * rng.uniform(0.7, 1.3, (300, 2))], axis=1).astype(np.float32)
+    image_sizes = np.tile(image.shape[:2], (300, 1))
+    chunk_pixels = 1 << 18
+    layout = _layout(crop_rectangles(boxes, image_sizes), image_sizes[:, 1], np.zeros(300, np.int64), chunk_pixels)
+    assert len(layout.chunks) > 10
+    assert layout.chunks[0].first_run == 0 and layout.chunks[-1].end_run == len(layout.runs)
+    for chunk, following in zip(layout.chunks, layout.chunks[1:]):
+        assert (following.first_run, following.first_pixel) == (chunk.end_run, chunk.end_pixel)
+    longest_row = int(layout.runs[:, 2].max())
+    for chunk in layout.chunks:
+        assert chunk.end_pixel - chunk.first_pixel <= chunk_pixels + longest_row
+        assert chunk.first_pixel == layout.runs[chunk.first_run, 1]
+        assert chunk.end_pixel == layout.runs[chunk.end_run - 1, 1] + layout.runs[chunk.end_run - 1, 2]
+    some = boxes[np.argsort(sizes)[::20]]
+    landmarks = torch.from_numpy(np.repeat(((some[:, :2] + some[:, 2:]) / 2)[:, None], 5, axis=1))
+    arguments = (torch.zeros(len(some), dtype=torch.int64), torch.from_numpy(some), torch.ones(len(some)), landmarks)
+    q = FaceQuality.from_columns(quality_features([torch.from_numpy(image)], *arguments, chunk_pixels=chunk_pixels))
+    for column in QUALITY_COLUMNS:
+        assert np.isfinite(getattr(q, column)).all(), column
+    for column in ("sharpness", "brightness", "contrast", "exposure", "quality"):
+        assert ((getattr(q, column) >= 0) & (getattr(q, column) <= 1)).all(), column
+
+
 def test_a_view_of_a_larger_image_reads_only_its_pixels(reference):
     """A crop passed as a strided view scores as its contiguous copy; boxes past its edges read
     its border pixels, not the larger image's."""
@@ -346,7 +385,8 @@ def test_dtypes_and_device(reference):
 
 def test_bad_inputs_are_refused_with_the_reason():
     image = torch.zeros((8, 8, 3), dtype=torch.uint8)
-    index, boxes, scores, landmarks = torch.zeros(1, dtype=torch.int64), torch.tensor([[1.0, 1.0, 5.0, 5.0]]), torch.ones(1), torch.zeros((1, 5, 2))
+    index, boxes = torch.zeros(1, dtype=torch.int64), torch.tensor([[1.0, 1.0, 5.0, 5.0]])
+    scores, landmarks = torch.ones(1), torch.zeros((1, 5, 2))
     with pytest.raises(ValueError, match="uint8"):
         quality_features([image.float()], index, boxes, scores, landmarks)
     with pytest.raises(ValueError, match="uint8"):
