@@ -26,6 +26,7 @@ Four parts, on a realistic mix of photo sizes (``../shared/widerface/val_image_s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import os
@@ -194,8 +195,10 @@ def parity(shared: Path | None, device: str) -> None:
                 gap = np.abs(a.boxes[:, None, :] - b.boxes[None, :, :]).max(axis=2).min(axis=1)
                 matched += int((gap < 2).sum())
                 worst = max(worst, float(np.percentile(gap, 99)))
-        print(f"{precision}: {sum(map(len, found))} faces on the device vs {total} on the CPU; {matched / max(total, 1):.1%} "
-              f"of the CPU's within 2 px (99th percentile gap {worst:.2f} px)")
+        print(
+            f"{precision}: {sum(map(len, found))} faces on the device vs {total} on the CPU; {matched / max(total, 1):.1%} "
+            f"of the CPU's within 2 px (99th percentile gap {worst:.2f} px)"
+        )
 
 
 def detect_table(photos: list[np.ndarray], device: str, scale: str, precisions: list[str], batches: list[int], tta: str | None) -> None:
@@ -253,7 +256,8 @@ class GpuSampler:
         self.samples: list[tuple[float, float]] = []
         self._process = subprocess.Popen(
             ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -261,10 +265,8 @@ class GpuSampler:
     def _read(self) -> None:
         assert self._process.stdout is not None
         for line in self._process.stdout:
-            try:
+            with contextlib.suppress(ValueError):
                 self.samples.append((time.time(), float(line.strip())))
-            except ValueError:
-                pass
 
     def stop(self) -> None:
         self._process.terminate()
@@ -287,8 +289,19 @@ def job_run(
         write_photos(photos, work / "photos", count)
         output = work / "faces"
         command = [
-            sys.executable, "-m", "jobs.annotate", "--input", str(work / "photos"), "--output", str(output),
-            "--scale", scale, "--precision", precision, *(GPU_JOB_FLAGS if on_gpu else []), *job_args,
+            sys.executable,
+            "-m",
+            "jobs.annotate",
+            "--input",
+            str(work / "photos"),
+            "--output",
+            str(output),
+            "--scale",
+            scale,
+            "--precision",
+            precision,
+            *(GPU_JOB_FLAGS if on_gpu else []),
+            *job_args,
         ]
         print(f"\n## Job: {count} JPEG files in a local folder, {device}, {precision}: {' '.join(command[1:])}\n", flush=True)
         sampler = GpuSampler() if on_gpu else None
@@ -317,7 +330,11 @@ def job_run(
         print(f"start-up: {commits[0] - start:.1f} s to the first commit")
         if sampler:
             print(f"GPU busy (nvidia-smi utilisation) in the steady state: {sampler.mean(commits[0], commits[-1]):.0%}")
-        stages = ", ".join(f"{c.removesuffix('_ms')} {np.mean(table.column(c).to_numpy(zero_copy_only=False)):.2f}" for c in table.column_names if c.endswith("_ms"))
+        stages = ", ".join(
+            f"{c.removesuffix('_ms')} {np.mean(table.column(c).to_numpy(zero_copy_only=False)):.2f}"
+            for c in table.column_names
+            if c.endswith("_ms")
+        )
         print(f"host ms per image by stage (per actor thread): {stages}; error rows: {table.column('status').to_pylist().count('error')}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -334,7 +351,9 @@ def main() -> None:
     parser.add_argument("--job-images", type=int, default=None, help="files of the job part (default: 30000 on cuda, 48 on cpu)")
     parser.add_argument("--job-arg", action="append", default=[], help="extra flag for the job (repeat), e.g. --job-arg=--batch-size=64")
     parser.add_argument("--no-job", action="store_true", help="skip the end-to-end job")
-    parser.add_argument("--job-timeout", type=float, default=600, help="seconds before the job is stopped (figures then cover what it committed)")
+    parser.add_argument(
+        "--job-timeout", type=float, default=600, help="seconds before the job is stopped (figures then cover what it committed)"
+    )
     parser.add_argument("--job-log", type=Path, default=None, help="write the job's output here")
     parser.add_argument("--no-detect", action="store_true", help="skip the plan, parity and detect parts")
     parser.add_argument("--seed", type=int, default=0)

@@ -25,7 +25,6 @@ from .storage import StorageOptions
 from .tta import TTA, detect_with_tta
 from .weights import LoadedWeights, load_weights
 
-
 _NO_CANDIDATES = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
 
 
@@ -38,19 +37,52 @@ class DetectorSettings:
     :class:`Detector` arguments of the same names. Invalid values raise ``ValueError``.
     """
 
-    weights: str | None = field(default=None, metadata={"help": "checkpoint name, path or URI (default: $RETINAFACE_WEIGHTS or mobilenet0.25-1mb)"})
-    model: str | None = field(default=None, metadata={"help": "model registry URI (its current version) or REGISTRY/vNNNN, instead of --weights; the version is recorded"})
-    model_config: str | None = field(default=None, metadata={"help": "architecture/anchor config name, for a checkpoint that is neither published nor made by jobs.train"})
+    weights: str | None = field(
+        default=None, metadata={"help": "checkpoint name, path or URI (default: $RETINAFACE_WEIGHTS or mobilenet0.25-1mb)"}
+    )
+    model: str | None = field(
+        default=None,
+        metadata={"help": "model registry URI (its current version) or REGISTRY/vNNNN, instead of --weights; the version is recorded"},
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "architecture/anchor config name, for a checkpoint that is neither published nor made by jobs.train"},
+    )
     scale: str = field(default="original", metadata={"help": "network input size: original, long:N or square:N"})
     score_threshold: float = field(default=0.5, metadata={"help": "keep faces with score above this"})
     nms_iou: float = field(default=0.4, metadata={"help": "NMS IoU threshold"})
     top_k: int = field(default=5000, metadata={"help": "candidates per image before NMS"})
     keep_top_k: int = field(default=750, metadata={"help": "faces kept per image after NMS"})
-    pad_multiple: int = field(default=1, metadata={"help": "pad network inputs to a multiple of this so near-equal sizes share a forward pass (1: exact size, reference parity)"})
+    pad_multiple: int = field(
+        default=1,
+        metadata={
+            "help": "pad network inputs to a multiple of this so near-equal sizes share a forward pass (1: exact size, reference parity)"
+        },
+    )
     clip: bool = field(default=False, metadata={"help": "clip boxes and landmarks to the image"})
-    tta: str = field(default="none", metadata={"help": "test-time augmentation: none, or flip and/or pyramid:SCALE,... merged by vote (default) or nms, e.g. flip+pyramid:long:640,long:1024,long:1600 (see retinaface_core/tta.py)"})
-    batching: str = field(default="exact", metadata={"help": "exact: one forward pass per input shape (reference parity); bucket: sort by aspect ratio and pad each batch to a shared canvas, so every forward pass is full", "choices": list(BATCHING_POLICIES)})
-    precision: str = field(default="fp32", metadata={"help": "dtype of weights and activations (post-processing stays fp32); fp16 on CUDA only", "choices": list(PRECISIONS)})
+    tta: str = field(
+        default="none",
+        metadata={
+            "help": (
+                "test-time augmentation: none, or flip and/or pyramid:SCALE,... merged by vote (default) or nms, "
+                "e.g. flip+pyramid:long:640,long:1024,long:1600 (see retinaface_core/tta.py)"
+            )
+        },
+    )
+    batching: str = field(
+        default="exact",
+        metadata={
+            "help": (
+                "exact: one forward pass per input shape (reference parity); bucket: sort by aspect ratio and pad "
+                "each batch to one of a few canvases, so every forward pass is full"
+            ),
+            "choices": list(BATCHING_POLICIES),
+        },
+    )
+    precision: str = field(
+        default="fp32",
+        metadata={"help": "dtype of weights and activations (post-processing stays fp32); fp16 on CUDA only", "choices": list(PRECISIONS)},
+    )
 
     def __post_init__(self) -> None:
         InputScale.parse(self.scale)
@@ -63,7 +95,10 @@ class DetectorSettings:
         if min(self.top_k, self.keep_top_k, self.pad_multiple) < 1:
             raise ValueError("top_k, keep_top_k and pad_multiple must be >= 1")
         if self.batching not in BATCHING_POLICIES or self.precision not in PRECISIONS:
-            raise ValueError(f"batching must be one of {BATCHING_POLICIES} and precision one of {tuple(PRECISIONS)}, got {self.batching!r}, {self.precision!r}")
+            raise ValueError(
+                f"batching must be one of {BATCHING_POLICIES} and precision one of {tuple(PRECISIONS)}, "
+                f"got {self.batching!r}, {self.precision!r}"
+            )
 
     def resolve(self, storage: StorageOptions | None = None) -> ResolvedModel:
         """The checkpoint to load and its registry version (None unless it came from a registry).

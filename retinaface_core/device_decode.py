@@ -90,8 +90,9 @@ def orient(image: Tensor, orientation: int) -> Tensor:
     return image
 
 
-def decode_jpegs(datas: list[bytes], headers: list[JpegHeader], names: list[str], device: torch.device,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Tensor | ImageDecodeError]:
+def decode_jpegs(
+    datas: list[bytes], headers: list[JpegHeader], names: list[str], device: torch.device, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[Tensor | ImageDecodeError]:
     """Decode JPEGs that :func:`probe_jpeg` passed, in one batch on ``device``.
 
     Returns per image an (H, W, 3) uint8 BGR tensor on ``device``, orientation applied, or the
@@ -139,7 +140,11 @@ def decode_fetched(items: Sequence[FetchedImage], device: torch.device, max_pixe
         return
     start = time.perf_counter()
     decoded = decode_jpegs(
-        [item.encoded for item in waiting], [item.header for item in waiting], [item.uri for item in waiting], device, max_pixels  # type: ignore[misc]
+        [item.encoded for item in waiting],
+        [item.header for item in waiting],
+        [item.uri for item in waiting],
+        device,
+        max_pixels,  # type: ignore[misc]
     )
     share = (time.perf_counter() - start) * 1e3 / len(waiting)
     for item, result in zip(waiting, decoded):

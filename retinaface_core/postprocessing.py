@@ -40,7 +40,7 @@ class Detections:
         return len(self.scores)
 
     @classmethod
-    def empty(cls) -> "Detections":
+    def empty(cls) -> Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
 
 
@@ -99,8 +99,14 @@ class FaceBatch:
     def from_detections(cls, detections: Sequence[Detections], device: torch.device) -> FaceBatch:
         """The faces of per-image :class:`Detections` (e.g. from test-time augmentation) as one batch on ``device``."""
         counts = [len(d) for d in detections]
-        flat = [np.concatenate(arrays) if detections else np.zeros((0, *shape), np.float32) for arrays, shape in (
-            ([d.boxes for d in detections], (4,)), ([d.scores for d in detections], ()), ([d.landmarks for d in detections], (5, 2)))]
+        flat = [
+            np.concatenate(arrays) if detections else np.zeros((0, *shape), np.float32)
+            for arrays, shape in (
+                ([d.boxes for d in detections], (4,)),
+                ([d.scores for d in detections], ()),
+                ([d.landmarks for d in detections], (5, 2)),
+            )
+        ]
         boxes, scores, landmarks = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device) for a in flat)
         index = torch.repeat_interleave(torch.arange(len(detections)), torch.tensor(counts, dtype=torch.long)).to(device)
         return cls(index, boxes, scores, landmarks, len(detections))
@@ -159,9 +165,11 @@ def decode_candidates(
     anchors = priors[index]
     height, width = input_size
     # Input pixels -> original pixels, per axis, since rounding makes sx and sy differ slightly.
-    to_pixels = torch.as_tensor(
-        np.stack([width / scales[:, 0], height / scales[:, 1]], axis=1), dtype=torch.float32
-    ).to(probs.device, non_blocking=True).view(-1, 1, 1, 2)
+    to_pixels = (
+        torch.as_tensor(np.stack([width / scales[:, 0], height / scales[:, 1]], axis=1), dtype=torch.float32)
+        .to(probs.device, non_blocking=True)
+        .view(-1, 1, 1, 2)
+    )
     boxes = decode_boxes(box_offsets, anchors, variances).view(*index.shape, 2, 2) * to_pixels
     landmarks = decode_landmarks(landmark_offsets, anchors, variances) * to_pixels
     return Candidates(scores=scores, boxes=boxes.reshape(*index.shape, 4), landmarks=landmarks)

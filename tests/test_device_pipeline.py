@@ -230,7 +230,9 @@ def test_ap_of_the_device_path_on_the_shared_wider_val_images(published, shared_
         keep = batched_nms(candidates.boxes, candidates.scores, 0.4, 0.02)
         keep &= keep.cumsum(dim=1) <= 750
         rows, columns = keep.nonzero(as_tuple=True)
-        faces = FaceBatch(rows, candidates.boxes[rows, columns], candidates.scores[rows, columns], candidates.landmarks[rows, columns], len(group.indices))
+        faces = FaceBatch(
+            rows, candidates.boxes[rows, columns], candidates.scores[rows, columns], candidates.landmarks[rows, columns], len(group.indices)
+        )
         parts.append((faces, group.indices))
     device_path = ap(FaceBatch.merge(parts, len(images), torch.device("cpu")).detections())
     print(f"AP reference {reference}\nAP device path {device_path}")
@@ -244,7 +246,12 @@ def test_device_resize_gives_opencvs_pixels(crowds, shared_dir):
     photos = crowds + [cv2.imread(str(p)) for p in sorted((shared_dir / "widerface/val/images").glob("*/*.jpg"))[:4]]
     for image in photos:
         h, w = image.shape[:2]
-        for size in ((round(h * 640 / max(h, w)), round(w * 640 / max(h, w))), (h // 2, w // 2), (h * 2 // 3, w * 3 // 5), (h + 37, w + 51)):
+        for size in (
+            (round(h * 640 / max(h, w)), round(w * 640 / max(h, w))),
+            (h // 2, w // 2),
+            (h * 2 // 3, w * 3 // 5),
+            (h + 37, w + 51),
+        ):
             expected = cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR)
             resized = resize_tensor(torch.from_numpy(image), *size).numpy()
             differs = np.abs(expected.astype(np.int16) - resized)
