@@ -229,9 +229,7 @@ class _Layout:
     (h runs of w pixels, its whole crop: sharpness, and the grey-level statistics when all of the
     crop is sampled), and a face of 2 * SAMPLE_SIZE px or more on a side also a sample set (ny runs
     of nx pixels, every ky-th row and kx-th column: its grey-level statistics). Runs and pixels
-    are numbered through the whole batch, set after set, so each image's runs are contiguous;
-    pixel t of run r of set p lies at flat position ``base[p] + (r - first_run[p]) * advance[p]
-    + t * step[p]`` of its image.
+    are numbered through the whole batch, set after set, so each image's runs are contiguous.
 
     Per run, ``runs`` (R, 5) int64: its set, its first pixel in the batch's numbering, its length,
     and the second differences of the flat image positions of the chunk's pixels at its first
@@ -304,7 +302,8 @@ def _layout(rectangles: np.ndarray, widths: np.ndarray, face_image: np.ndarray, 
     jump, previous_step = run_first - np.roll(run_last, 1), np.roll(run_step, 1)
     chunk_starts = [chunk.first_run for chunk in chunks]
     jump[chunk_starts], previous_step[chunk_starts] = run_first[chunk_starts], 0
-    runs = np.stack([run_set, first_pixel[run_set] + index * length[run_set], length[run_set], jump - previous_step, run_step - jump], axis=1)
+    run_start = first_pixel[run_set] + index * length[run_set]
+    runs = np.stack([run_set, run_start, length[run_set], jump - previous_step, run_step - jump], axis=1)
 
     sides = np.clip(np.minimum(height, width), MIN_SHARPNESS_SIZE, SHARPNESS_SIZE)
     col_pixel, col_fraction = _area_positions(width, sides)
