@@ -73,7 +73,18 @@ def keys_as_written_s3() -> type[fsspec.AbstractFileSystem]:
             bucket, key = self._find_bucket_key(path)
             return bucket, key + trail, None
 
+    # Pickled by reference (this module's __getattr__ builds it where it is unpickled): by value,
+    # the class would carry fsspec's cache of its instances, whose locks do not pickle, and Ray
+    # could not ship a filesystem to its tasks.
+    KeysAsWrittenS3FileSystem.__module__ = __name__
+    KeysAsWrittenS3FileSystem.__qualname__ = KeysAsWrittenS3FileSystem.__name__
     return KeysAsWrittenS3FileSystem
+
+
+def __getattr__(name: str) -> Any:
+    if name == "KeysAsWrittenS3FileSystem":
+        return keys_as_written_s3()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
