@@ -86,7 +86,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     config_file = args.pop("config", None)
     values = _yaml_values(cls, config_file, parser) if config_file is not None else {}
     values.update(args)
-    missing = ["--" + flag.name.replace("_", "-") for flag in setting_flags(cls) if flag.default is dataclasses.MISSING and flag.name not in values]
+    required = (flag.name for flag in setting_flags(cls) if flag.default is dataclasses.MISSING)
+    missing = ["--" + name.replace("_", "-") for name in required if name not in values]
     if missing:
         parser.error(f"missing required settings: {', '.join(missing)}")
     try:

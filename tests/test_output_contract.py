@@ -105,7 +105,9 @@ def test_every_object_of_a_folder_is_one_row_or_one_counted_skip(odd_folder, odd
     expected = {str(folder / n) for n in files if not n.endswith(("txt", "Store")) and n != LATIN1} | {latin1}
     assert set(rows["uri"]) == expected
     by_name = {u.rsplit("/", 1)[1]: r for u, r in zip(rows["uri"], rows.to_dict("records"))}
-    for name in ("a.jpg", "sp ace.jpg", "h#a?s%h.jpg", "new\nline.jpg", "caf%E9.jpg", "anim.gif", "scan.TIF", "scan2.tiff", "cmyk.jpg", "deep16.png"):
+    decoded = ("a.jpg", "sp ace.jpg", "h#a?s%h.jpg", "new\nline.jpg", "caf%E9.jpg", "anim.gif", "scan.TIF", "scan2.tiff", "cmyk.jpg")
+    decoded += ("deep16.png",)
+    for name in decoded:
         assert by_name[name]["status"] == "ok" and by_name[name]["num_faces"] == 1, (name, by_name[name]["error"])
         assert (by_name[name]["width"], by_name[name]["height"]) == (512, 512)
     # 182 MP under --max-pixels 3e8: past every pixel limit, refused only for its broken data.
@@ -161,7 +163,8 @@ def test_an_s3_manifest_annotates_each_object_once_and_counts_the_rest(ray_sessi
     assert summary["objects_skipped"] == {"duplicate": 1, "folder_marker": 1, "not_an_image_name": 1}
     rows = read_rows(output)
     assert sorted(rows["uri"]) == sorted(f"s3://{bucket}/{k}" for k in keys) and (rows["status"] == "ok").all()
-    assert f"{len(entries)} objects listed: {len(keys)} images (0 already annotated in 0 committed shards, {len(keys)} new), 3 skipped" in log
+    assert f"{len(entries)} objects listed: {len(keys)} images (0 already annotated in 0 committed shards, {len(keys)} new), 3 skipped" \
+        in log
     assert re.search(r"annotate: skipped 1 duplicate \(e\.g\. s3://.*/in/a b\.jpg\); 1 folder_marker .*; 1 not_an_image_name", log)
 
 
@@ -226,7 +229,8 @@ def test_the_command_line_shares_the_jobs_defaults_and_shows_them(repo_root, cap
     assert settings.detector == job.detector and settings.max_pixels == job.max_pixels
     assert parse_args(["a.jpg", "--threshold", "0.6"]).settings.detector.score_threshold == 0.6
     assert "--threshold is deprecated, use --score-threshold" in capsys.readouterr().err
-    shown = subprocess.run([sys.executable, "-m", "retinaface_core", "--help"], capture_output=True, text=True, cwd=repo_root, check=True).stdout
+    command = [sys.executable, "-m", "retinaface_core", "--help"]
+    shown = subprocess.run(command, capture_output=True, text=True, cwd=repo_root, check=True).stdout
     shown = re.sub(r"\s+", " ", shown)
     for flag, default in (("--scale", "long:640"), ("--score-threshold", "0.5"), ("--batching", "bucket"), ("--max-pixels", "100000000")):
         assert re.search(f"{flag} .*?\\(default: {default}\\)", shown), flag

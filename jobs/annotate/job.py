@@ -76,7 +76,7 @@ def run(config: AnnotateConfig) -> dict:
         flush=True,
     )
     if plan.skipped.total():
-        print(f"annotate: skipped {plan.skipped.describe()}", flush=True)
+        print(redact(f"annotate: skipped {plan.skipped.describe()}"), flush=True)
     if plan.removed and len(plan.inputs) <= 1:
         examples = ", ".join(plan.removed_examples)
         print(

@@ -167,7 +167,7 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
     if config.overwrite:
         store.clear()
     settings = output_settings(config, model)
-    input_uri = canonical_uri(config.input, config.s3)
+    input_uri = redact(canonical_uri(config.input, config.s3))
     inputs, stored = [input_uri], None
     # The first run to create _dataset.json owns the output; a concurrent run that lost the race
     # reads the winner's settings here and is refused below if they differ.
