@@ -35,7 +35,7 @@ from retinaface_core.storage import StorageOptions, canonical_uri, filesystem, f
 
 from ._exit import JobError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_EXTENSIONS = (".txt", ".lst", ".csv", ".parquet")
 
 SKIP_REASONS = {

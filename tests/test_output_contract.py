@@ -72,6 +72,7 @@ def odd_folder(tmp_path_factory, shared_dir) -> tuple[Path, dict[str, bytes]]:
         "scan.TIF": encoded("RGB", "TIFF"),
         "scan2.tiff": encoded("CMYK", "TIFF"),
         "cmyk.jpg": encoded("CMYK", "JPEG", quality=90),
+        "photo.avif": encoded("RGB", "AVIF"),
         "deep16.png": PHOTOS["variants/astronaut_16bit.png"],
         "crowd.jpg": (shared_dir / "images/crowd_baseball.jpg").read_bytes(),
         "huge.png": png_header(14000, 13000),
@@ -106,7 +107,7 @@ def test_every_object_of_a_folder_is_one_row_or_one_counted_skip(odd_folder, odd
     assert set(rows["uri"]) == expected
     by_name = {u.rsplit("/", 1)[1]: r for u, r in zip(rows["uri"], rows.to_dict("records"))}
     decoded = ("a.jpg", "sp ace.jpg", "h#a?s%h.jpg", "new\nline.jpg", "caf%E9.jpg", "anim.gif", "scan.TIF", "scan2.tiff", "cmyk.jpg")
-    decoded += ("deep16.png",)
+    decoded += ("deep16.png", "photo.avif")
     for name in decoded:
         assert by_name[name]["status"] == "ok" and by_name[name]["num_faces"] == 1, (name, by_name[name]["error"])
         assert (by_name[name]["width"], by_name[name]["height"]) == (512, 512)
