@@ -84,9 +84,12 @@ def _pass_lines(source: int, target: int, markers: tuple[bytes, ...]) -> None:
         while chunk := pipe.read(1 << 16):
             lines = chunk.split(b"\n")
             kept = [line for line in lines[:-1] if not any(m in line for m in markers)]
-            out = b"".join(line + b"\n" for line in kept) + lines[-1]
-            if out:
-                os.write(target, out)
+            out = memoryview(b"".join(line + b"\n" for line in kept) + lines[-1])
+            try:
+                while out:
+                    out = out[os.write(target, out) :]
+            except OSError:
+                pass  # stderr closed: go on draining the pipe, so that no writer ever blocks on it
 
 
 def forget_cluster(gcs_port: int) -> None:

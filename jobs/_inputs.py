@@ -232,9 +232,11 @@ def _read_manifest(
     entries = entries.filter(pc.invert(markers))
     ready = pc.match_substring_regex(entries, _CANONICAL)
     others = [_canonical_entry(e, folder, options) for e in entries.filter(pc.invert(ready)).to_pylist()]
-    remote = [e for e in invalid if _SCHEME.match(e) and not e.startswith("file://")]
-    skipped.add("name_not_utf8", [os.fsencode(e).decode("utf-8", "backslashreplace") for e in remote])
-    others += [_canonical_entry(e, folder, options) for e in invalid if e not in remote]
+    shown = {e: os.fsencode(e).decode("utf-8", "backslashreplace") for e in invalid}
+    skipped.add("folder_marker", [shown[e] for e in invalid if e.endswith("/")])
+    remote = [e for e in invalid if _SCHEME.match(e) and not e.startswith("file://") and not e.endswith("/")]
+    skipped.add("name_not_utf8", [shown[e] for e in remote])
+    others += [_canonical_entry(e, folder, options) for e in invalid if e not in remote and not e.endswith("/")]
     canonical = pa.concat_arrays([entries.filter(ready), pa.array(others, pa.string())])
     images = skipped.keep_images(canonical)
     unique = pc.unique(images)
