@@ -114,7 +114,8 @@ def annotated(ray_session, bucket_input):
 
 
 def faces_of(row) -> pd.DataFrame:
-    return pd.DataFrame(list(row["faces"]))
+    """The faces of a row; none for an error row (whose ``faces`` is null)."""
+    return pd.DataFrame(list(row["faces"] if row["faces"] is not None else []))
 
 
 def test_prefix_listing_is_recursive_sorted_and_case_insensitive(s3_server, make_bucket):
@@ -285,7 +286,7 @@ CREATE VIEW faces AS
 """
 
 DUCKDB_QUERIES = {
-    "faces_per_shard": "SELECT shard, sum(num_faces) AS faces FROM images GROUP BY shard ORDER BY shard",
+    "faces_per_shard": "SELECT shard, coalesce(sum(num_faces), 0) AS faces FROM images GROUP BY shard ORDER BY shard",
     "good_faces": (
         "SELECT uri, face_index, score, quality FROM faces "
         "WHERE score > 0.9 AND quality > 0.5 ORDER BY uri, face_index"
