@@ -68,16 +68,16 @@ def child(step: str, uri: str, output: str) -> dict:
         # Likewise split_listing's fixed costs (its lookup buffers, the reader's read-ahead), by a
         # first resume of the first 1,000 objects against the whole output.
         store = OutputStore(output)
-        split_listing(list_input(uri + "00000/"), store, store.listing().committed)
+        split_listing(list_input(uri + "00000/").uris, store, store.listing().committed)
     _reset_peak()
     base = _rss_mib()
     start = time.perf_counter()
     if step == "list":
         # Two listings, the first of the first 1,000 objects: the difference of the peaks is
         # what each further object costs, apart from the fixed cost of the first pages.
-        first = list_input(uri + "00000/")
+        first = list_input(uri + "00000/").uris
         first_rss, first_s = _rss_mib(), time.perf_counter() - start
-        uris = list_input(uri)
+        uris = list_input(uri).uris
         result = {
             "objects": len(uris),
             "arrow_bytes": uris.nbytes,
@@ -86,7 +86,7 @@ def child(step: str, uri: str, output: str) -> dict:
             "first_seconds": first_s,
         }
     else:
-        uris = list_input(uri)
+        uris = list_input(uri).uris
         listed, listed_rss = time.perf_counter(), _rss_mib()
         store = OutputStore(output)
         listing = store.listing()
@@ -113,7 +113,7 @@ def inventory_child(planner: str, inventory: str, output: str) -> dict:
     if planner == "driver":
         _reset_peak()
         base, start = _rss_mib(), time.perf_counter()
-        uris = list_input(inventory + ".parquet")
+        uris = list_input(inventory + ".parquet").uris
         listed = _rss_mib()
         new, _, _ = split_listing(uris, store, store.listing().committed)
         result["split_mib"] = _rss_mib() - listed

@@ -1,9 +1,10 @@
 """One config dataclass per job, filled from the command line and optionally a YAML file.
 
-Each field of the dataclass becomes a ``--flag`` (underscores become dashes), its help text taken
-from ``field(metadata={"help": ...})``. A field whose type is itself a settings dataclass shared
-by several jobs (``DetectorSettings``, ``StorageOptions``) is embedded whole and its fields
-become flags of their own, named with the prefix given in ``metadata={"flatten": PREFIX}``
+Each field of the dataclass becomes a ``--flag`` (:mod:`retinaface_core.flags`, shared with the
+core's own command line): underscores become dashes, the help text is the field's
+``metadata={"help": ...}``, a field whose type is itself a settings dataclass shared by several
+jobs (``DetectorSettings``, ``StorageOptions``) is embedded whole and its fields become flags of
+their own, named with the prefix given in ``metadata={"flatten": PREFIX}``
 (``StorageOptions.endpoint_url`` with prefix ``s3_`` is ``--s3-endpoint-url``); each job chooses
 its defaults through the field's ``default_factory``. ``--config file.yaml`` supplies values
 first (flat flag names, or a mapping per embedded field) and flags given explicitly override
@@ -30,116 +31,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import types
-import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
+from retinaface_core.flags import add_flags, flag_names, from_values, setting_flags
 from retinaface_core.storage import redact
 
+__all__ = ["add_flags", "build_parser", "config_dict", "flag_names", "format_config", "from_values", "parse_config"]
+
 T = TypeVar("T")
-
-
-class _Flag(NamedTuple):
-    """One command-line flag: which field (and, for an embedded settings object, which of its fields)."""
-
-    name: str
-    outer: str
-    inner: str | None
-    field: dataclasses.Field
-    type: Any
-    default: Any
-
-
-def _base_type(tp: Any) -> tuple[Any, bool]:
-    """(the non-None type, whether None is allowed) of a possibly Optional annotation."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], len(args) < len(typing.get_args(tp))
-    return tp, False
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
-
-
-def _flags(cls: type) -> Iterator[_Flag]:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        prefix = f.metadata.get("flatten")
-        if prefix is None:
-            yield _Flag(f.name, f.name, None, f, hints[f.name], _default(f))
-            continue
-        inner_cls = hints[f.name]
-        defaults = _default(f)
-        inner_hints = typing.get_type_hints(inner_cls)
-        for inner in dataclasses.fields(inner_cls):
-            yield _Flag(prefix + inner.name, f.name, inner.name, inner, inner_hints[inner.name], getattr(defaults, inner.name))
-
-
-def _parser_for(type_: Any, optional: bool):
-    def parse(text: str) -> Any:
-        if optional and text.lower() in ("none", "null", ""):
-            return None
-        return type_(text)
-
-    parse.__name__ = getattr(type_, "__name__", "value")
-    return parse
-
-
-def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per (flattened) field of the dataclass ``cls``, all defaulting to unset."""
-    for flag in _flags(cls):
-        type_, optional = _base_type(flag.type)
-        help_text = flag.field.metadata.get("help", "")
-        if flag.default is dataclasses.MISSING:
-            help_text += " (required)"
-        elif "(default:" not in help_text:
-            help_text += f" (default: {flag.default})"
-        option = "--" + flag.name.replace("_", "-")
-        if type_ is bool:
-            parser.add_argument(option, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(
-                option,
-                type=_parser_for(type_, optional),
-                default=argparse.SUPPRESS,
-                choices=flag.field.metadata.get("choices"),
-                help=help_text,
-            )
-
-
-def flag_names(cls: type) -> set[str]:
-    """The (flattened) setting names of ``cls``, as ``add_flags`` stores them on a namespace."""
-    return {flag.name for flag in _flags(cls)}
-
-
-def from_values(cls: type[T], values: dict[str, Any]) -> T:
-    """A ``cls`` from flat flag values (``{"s3_endpoint_url": ...}``); unset fields keep their defaults."""
-    flags = list(_flags(cls))
-    unknown = sorted(set(values) - {flag.name for flag in flags})
-    if unknown:
-        raise ValueError(f"unknown settings {unknown}")
-    outer: dict[str, Any] = {}
-    embedded: dict[str, dict[str, Any]] = {}
-    for flag in flags:
-        if flag.inner is None:
-            if flag.name in values:
-                outer[flag.name] = values[flag.name]
-        else:
-            settings = embedded.setdefault(flag.outer, {})
-            settings[flag.inner] = values.get(flag.name, flag.default)
-    hints = typing.get_type_hints(cls)
-    outer.update({name: hints[name](**settings) for name, settings in embedded.items()})
-    return cls(**outer)
 
 
 def build_parser(cls: type, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
@@ -154,7 +57,7 @@ def build_parser(cls: type, description: str | None = None, prog: str | None = N
 def _yaml_values(cls: type, path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Flat flag values from a YAML file of flat names or one mapping per embedded settings field."""
     loaded = yaml.safe_load(path.read_text()) or {}
-    flags = {flag.name: flag for flag in _flags(cls)}
+    flags = {flag.name: flag for flag in setting_flags(cls)}
     by_field = {(flag.outer, flag.inner): flag.name for flag in flags.values()}
     values: dict[str, Any] = {}
     unknown = []
@@ -183,9 +86,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     config_file = args.pop("config", None)
     values = _yaml_values(cls, config_file, parser) if config_file is not None else {}
     values.update(args)
-    missing = [
-        "--" + flag.name.replace("_", "-") for flag in _flags(cls) if flag.default is dataclasses.MISSING and flag.name not in values
-    ]
+    required = (flag.name for flag in setting_flags(cls) if flag.default is dataclasses.MISSING)
+    missing = ["--" + name.replace("_", "-") for name in required if name not in values]
     if missing:
         parser.error(f"missing required settings: {', '.join(missing)}")
     try:

@@ -157,7 +157,7 @@ def _val_images(config: EvaluateConfig) -> tuple[WiderValGroundTruth, dict[str, 
     except (OSError, WiderFormatError) as exc:
         raise JobError(f"ground truth {config.ground_truth}: {exc}") from exc
     fs, root = filesystem(config.images, config.s3)
-    uris = list_input(config.images, config.s3).to_pylist()
+    uris = list_input(config.images, config.s3).uris.to_pylist()
     if not uris:
         raise JobError(f"no images under {config.images}")
     names = image_names(uris, full_uri(fs, root))

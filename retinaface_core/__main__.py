@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
-from .detector import Detector
-from .image_io import ImageDecodeError, read_image
+from .detector import Detector, DetectorSettings
+from .flags import ANNOTATION_DEFAULTS, add_flags, flag_names, from_values
+from .image_io import DEFAULT_MAX_PIXELS, ImageDecodeError, read_image
 from .postprocessing import Detections
-from .preprocessing import InputScale
-from .tta import TTA
 from .weights import CheckpointError
 
 _LANDMARK_COLOURS = ((0, 0, 255), (0, 255, 255), (255, 0, 255), (0, 255, 0), (255, 0, 0))
@@ -45,45 +46,66 @@ def to_json(path: str, image: np.ndarray, detections: Detections) -> dict:
     }
 
 
-def _tta_setting(text: str) -> TTA:
-    # argparse shows an ArgumentTypeError's own message; a ValueError's would be lost.
-    try:
-        return TTA.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+@dataclass
+class DetectSettings:
+    """What the command line detects with: the detector settings and the decoder's pixel limit."""
+
+    detector: DetectorSettings = field(default_factory=lambda: ANNOTATION_DEFAULTS, metadata={"flatten": ""})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "images with more pixels are refused (decompression bombs)"})
+
+
+class _Deprecated(argparse.Action):
+    """An old flag name: stored under the new one's name, with a warning naming it."""
+
+    def __init__(self, *args: Any, new: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None) -> None:
+        print(f"warning: {option} is deprecated, use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m retinaface_core", description=__doc__)
+    """The images and options; ``settings`` is the :class:`DetectSettings` they give."""
+    parser = argparse.ArgumentParser(
+        prog="python -m retinaface_core",
+        description=(
+            "Detect faces with landmarks in images. The detector flags are the fields of retinaface_core.DetectorSettings, with the "
+            "defaults of jobs.annotate (so both find the same faces); the Detector API's own defaults are --scale "
+            "original --batching exact (the reference's results)."
+        ),
+    )
     parser.add_argument("images", nargs="+", help="image paths or fsspec URIs")
-    parser.add_argument("--weights", default=None, help="checkpoint name, path or URI (default: $RETINAFACE_WEIGHTS or mobilenet0.25-1mb)")
-    parser.add_argument("--config", default=None, help="architecture/anchor config for an unregistered checkpoint")
-    parser.add_argument("--scale", default="original", type=InputScale.parse, help="original | long:N | square:N")
-    parser.add_argument("--threshold", type=float, default=0.5, help="score threshold (default 0.5)")
-    parser.add_argument("--nms-iou", type=float, default=0.4, help="NMS IoU threshold (default 0.4)")
-    parser.add_argument("--tta", default=None, type=_tta_setting,
-                        help="test-time augmentation, e.g. flip+pyramid:long:640,long:1024,long:1600 (default: none)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--clip", action="store_true", help="clip boxes and landmarks to the image")
+    add_flags(parser, DetectSettings)
+    parser.add_argument("--threshold", dest="score_threshold", type=float, default=argparse.SUPPRESS, action=_Deprecated,
+                        new="--score-threshold", metavar="T", help="deprecated name of --score-threshold")
+    parser.add_argument("--config", dest="model_config", default=argparse.SUPPRESS, action=_Deprecated,
+                        new="--model-config", metavar="NAME", help="deprecated name of --model-config")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--draw", metavar="OUT_DIR", type=Path, help="write annotated copies here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    names = flag_names(DetectSettings)
+    try:
+        args.settings = from_values(DetectSettings, {k: v for k, v in vars(args).items() if k in names})
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    settings = args.settings
     try:
-        detector = Detector(
-            args.weights, model_config=args.config, device=args.device, scale=str(args.scale),
-            score_threshold=args.threshold, nms_iou=args.nms_iou, clip=args.clip, tta=str(args.tta or "none"),
-        )
+        detector = Detector(settings=settings.detector, device=args.device)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failures = 0
     for path in args.images:
         try:
-            image = read_image(path)
+            image = read_image(path, settings.max_pixels)
         except ImageDecodeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failures += 1

@@ -9,6 +9,7 @@ the image as a viewer displays it and every coordinate computed on them refers t
 from __future__ import annotations
 
 import io
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,20 @@ from .storage import StorageOptions, filesystem, redact
 
 DEFAULT_MAX_PIXELS = 100_000_000
 
+ERROR_KINDS = {
+    "empty": "the object has 0 bytes",
+    "not_image": "not a format the decoder knows (e.g. text named .jpg)",
+    "truncated": "the image data ends early (a JPEG or PNG cut short)",
+    "corrupt": "the header or the image data cannot be decoded",
+    "too_large": "more pixels than max_pixels (from the header, before decoding) or more bytes than max_bytes",
+    "not_found": "no object at the URI (e.g. a manifest entry whose object is absent)",
+    "permission_denied": "the store refuses to serve it (S3 AccessDenied)",
+    "unreadable": "any other failure of this one object (a folder, a name no store can open)",
+    "storage": "the store failed to serve it (5xx, timeouts, resets, throttling) after every retry",
+}
+"""Every ``error_kind`` of an image that could not be decoded, and what it means. All but
+``storage`` are permanent: the object itself is at fault."""
+
 RETRYABLE_KINDS = frozenset({"storage"})
 """Error kinds that say nothing about the object: reading it again later may succeed."""
 
@@ -35,10 +50,9 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 class ImageDecodeError(ValueError):
     """An object that cannot be turned into an image; the message names it and says why.
 
-    ``kind`` is a short machine-readable reason: ``empty``, ``not_image``, ``truncated``,
-    ``corrupt``, ``too_large``, ``not_found``, ``permission_denied`` or ``unreadable`` (all
-    permanent: the object itself is at fault), or ``storage`` (the store failed to serve it; a
-    later attempt may succeed, see :data:`RETRYABLE_KINDS`).
+    ``kind`` is a short machine-readable reason, one of :data:`ERROR_KINDS`: all permanent (the
+    object itself is at fault) but ``storage`` (the store failed to serve it; a later attempt may
+    succeed, see :data:`RETRYABLE_KINDS`).
     """
 
     def __init__(self, message: str, kind: str = "corrupt") -> None:
@@ -46,21 +60,39 @@ class ImageDecodeError(ValueError):
         self.kind = kind
 
 
-def _open(data: bytes, name: str) -> Image.Image:
+def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageDecodeError(f"{name}: empty object (0 bytes)", "empty")
+    _set_pillow_limit(max_pixels)
     try:
-        # The pixel limit is ours (checked below, from the header); Pillow's own bomb check
-        # would raise a different error first for large limits.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(f"{name}: not an image (unrecognised format)", "not_image") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"{name}: {exc}", "too_large") from exc
+        raise _bomb_error(name, exc, max_pixels) from exc
     except Exception as exc:
         raise ImageDecodeError(f"{name}: unreadable image header ({exc})", "corrupt") from exc
+
+
+def _set_pillow_limit(max_pixels: int) -> None:
+    """Raise Pillow's own decompression-bomb check (an error above twice ``Image.MAX_IMAGE_PIXELS``,
+    in ``Image.open`` and for GIF frames and TIFF tiles while decoding) to ``max_pixels`` where it
+    is lower, so that ``max_pixels`` decides, above Pillow's default of 179 MP as below it (ours
+    is checked from the header right after opening). Pillow's setting is process-wide, so it is
+    only ever raised: a decoder with a lower limit in the same process is never refused by
+    Pillow for an image within its own limit; the highest limit used is Pillow's backstop."""
+    wanted = -(-max_pixels // 2)
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < wanted:
+        Image.MAX_IMAGE_PIXELS = wanted
+
+
+def _bomb_error(name: str, exc: Exception, max_pixels: int) -> ImageDecodeError:
+    """Pillow's decompression-bomb error, told with our limit."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found[1]) / 1e6:.1f} MP" if found else "its size"
+    return ImageDecodeError(f"{name}: {size} exceeds the limit of {max_pixels / 1e6:g} MP", "too_large")
 
 
 def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
@@ -91,11 +123,15 @@ def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
     header, before any pixel is allocated (decompression bombs). Zero-byte, non-image,
     truncated and corrupt data raise :class:`ImageDecodeError` naming ``name`` and the reason.
     """
-    im = _open(data, name)
+    im = _open(data, name, max_pixels)
     with im:
         _check_pixels(*im.size, name, max_pixels)
         try:
-            im.load()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()
+        except Image.DecompressionBombError as exc:
+            raise _bomb_error(name, exc, max_pixels) from exc
         except OSError as exc:
             kind = "truncated" if "truncated" in str(exc) else "corrupt"
             raise ImageDecodeError(f"{name}: {kind} image data ({exc})", kind) from exc

@@ -15,6 +15,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, unquote_to_bytes
 
 import functools
 
@@ -72,7 +73,18 @@ def keys_as_written_s3() -> type[fsspec.AbstractFileSystem]:
             bucket, key = self._find_bucket_key(path)
             return bucket, key + trail, None
 
+    # Pickled by reference (this module's __getattr__ builds it where it is unpickled): by value,
+    # the class would carry fsspec's cache of its instances, whose locks do not pickle, and Ray
+    # could not ship a filesystem to its tasks.
+    KeysAsWrittenS3FileSystem.__module__ = __name__
+    KeysAsWrittenS3FileSystem.__qualname__ = KeysAsWrittenS3FileSystem.__name__
     return KeysAsWrittenS3FileSystem
+
+
+def __getattr__(name: str) -> Any:
+    if name == "KeysAsWrittenS3FileSystem":
+        return keys_as_written_s3()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
@@ -88,20 +100,52 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.
     if protocol in S3_PROTOCOLS:
         fs: fsspec.AbstractFileSystem = keys_as_written_s3()(**kwargs)
         path = fs._strip_protocol(uri)
+    elif protocol == "file" and uri.startswith(FILE_URI):
+        fs, path = fsspec.filesystem("file"), _file_uri_path(uri)
     else:
         fs, path = fsspec.core.url_to_fs(uri, **kwargs)
     return fs, path.rstrip("/") if path not in ("/", "") else path
 
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """A path of ``fs`` as a URI any reader can open: ``s3://b/k``; local files stay plain paths."""
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+    """A path of ``fs`` as a URI any reader can open: ``s3://b/k``; local files stay plain paths
+    (see :func:`local_uri`)."""
+    return local_uri(path) if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+FILE_URI = "file://"
+
+
+def local_uri(path: str) -> str:
+    """How the jobs write a local path: the path itself, or, for a name whose bytes are not valid
+    UTF-8 (Python holds such bytes as lone surrogates, which no Arrow string can), a ``file://``
+    URI with every byte outside ``A-Z a-z 0-9 / - . _ ~`` percent-encoded (RFC 8089):
+    ``/photos/caf\udce9.jpg`` (Latin-1 ``café.jpg``) is ``file:///photos/caf%E9.jpg``. Lossless,
+    and readable by :func:`filesystem`, which decodes ``file://`` URIs."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return FILE_URI + quote(os.fsencode(path), safe="/")
+    return path
+
+
+def _file_uri_path(uri: str) -> str:
+    """The local path of a ``file://`` URI, percent escapes decoded (``file://localhost/p`` is ``/p``)."""
+    rest = uri[len(FILE_URI) :]
+    if not rest.startswith("/"):
+        host, _, rest = rest.partition("/")
+        if host not in ("", "localhost"):
+            raise ValueError(f"{uri}: a file:// URI of another host ({host!r}) cannot be opened here")
+        rest = "/" + rest
+    return os.fsdecode(unquote_to_bytes(os.fsencode(rest)))
 
 
 def canonical_uri(uri: str, options: StorageOptions | None = None) -> str:
     """One spelling per location, for comparing URIs: ``s3://b/k`` (not ``s3a://``, no trailing
-    slash), an absolute local path (not ``file://``, not relative). Nothing is read."""
-    return full_uri(*filesystem(uri, options))
+    slash; ``s3://b//k`` stays, as it names the key ``/k``), an absolute, normalised local path
+    (not ``file://``, not relative, no ``//``, ``.`` or ``..``; see :func:`local_uri`). Nothing is read."""
+    fs, path = filesystem(uri, options)
+    return full_uri(fs, os.path.normpath(path) if isinstance(fs, LocalFileSystem) else path)
 
 
 def read_file(uri: str, options: StorageOptions | None = None) -> bytes:

@@ -9,6 +9,38 @@ Conventions: coordinates are float32 pixels of the image as displayed (EXIF orie
 applied), x to the right, y down; landmarks are left eye, right eye, nose, left mouth corner,
 right mouth corner, left/right as seen in the image. Angles are degrees, times milliseconds.
 
+Rows and values:
+
+- ``uri``: one row per image object of the input. Local names that are not valid UTF-8 are
+  percent-encoded ``file://`` URIs (``file:///photos/caf%E9.jpg``: RFC 8089, decode with
+  ``urllib.parse.unquote_to_bytes``); every other local name is its plain absolute path, every
+  object-store name its ``s3://bucket/key`` as written (``?``, ``#``, ``%`` and spaces included).
+- ``status`` is one of :data:`STATUS_VALUES`: ``ok`` (decoded and detected: ``width``,
+  ``height``, ``num_faces`` and ``faces`` set, ``num_faces`` 0 and ``faces`` empty when the image
+  has no face) or ``error`` (``error_kind`` and ``error`` set; ``width``, ``height``,
+  ``num_faces`` and ``faces`` null: nothing was detected).
+- ``error_kind`` is one of ``retinaface_core.image_io.ERROR_KINDS``: ``empty``, ``not_image``,
+  ``truncated``, ``corrupt``, ``too_large``, ``not_found``, ``permission_denied``,
+  ``unreadable`` (permanent: the object is at fault) and ``storage`` (the store failed to serve
+  it; the next run retries it). ``error`` is a message naming the object and the reason.
+- ``faces`` of an image are ordered by descending ``score``, ``face_index`` numbering them from 0.
+- Quality columns (:data:`QUALITY_COLUMNS`, ``retinaface_core/quality.py``, table in
+  ``docs/annotate.md``): ``face_size`` short side of the box (px); ``sharpness`` in [0, 1], 0
+  for blur, independent of face size; ``yaw``, ``pitch``, ``roll`` degrees (> 0: nose right of
+  the midline as seen, head up, eye line tilted clockwise as seen); ``brightness`` and
+  ``contrast`` mean and standard deviation of the grey box in [0, 1]; ``exposure`` 1 - the
+  fraction of clipped pixels of the box (all channels <= 8 or any >= 247), in [0, 1];
+  ``quality`` in [0, 1], the fitted probability that a labeller marks the face with no heavy
+  blur or occlusion, a typical pose and normal illumination.
+- Integer columns (``width``, ``height``, ``num_faces``) read as pandas' nullable ``Int32``
+  (the files carry pandas metadata), not as floats.
+
+Each file's Parquet key-value metadata holds the settings it was made with, so that the
+dataset describes itself without ``_dataset.json``: the JSON of all of them under
+:data:`SETTINGS_METADATA_KEY`, and each under ``retinaface.<name>`` (:func:`file_metadata`:
+``score_threshold``, ``nms_iou``, ``scale``, ``tta``, ``model_sha256``, ...), which duckdb shows
+with ``parquet_kv_metadata``.
+
 Bump ``SCHEMA_VERSION`` on any change; the job refuses to resume into an output written with
 another version.
 
@@ -20,17 +52,26 @@ Versions:
    composite of ``retinaface_core/quality_model.json`` (issue 14). Values of the same name
    mean something else than in version 1, so the two must not share an output. Image column
    ``tta`` (the test-time augmentation the faces were found with) after ``input_scale``.
+3. ``num_faces`` and ``faces`` are null on error rows (were 0 and empty); the files carry
+   pandas metadata (integer columns read as ``Int32``) and each setting as its own key-value.
 """
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SETTINGS_METADATA_KEY = b"retinaface.annotation.settings"
 """Parquet metadata key of each shard file: the JSON of the settings it was made with (schema
 version, model, detector settings, limits), as in ``_dataset.json``: every shard describes itself."""
+SETTING_KEY_PREFIX = "retinaface."
+"""Prefix of the Parquet metadata key of each single setting (``retinaface.score_threshold``)."""
+
+STATUS_VALUES = ("ok", "error")
 
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
@@ -46,12 +87,12 @@ FACE_STRUCT = pa.struct(
 ANNOTATION_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # "ok" or "error"
+        pa.field("status", pa.string(), nullable=False),  # STATUS_VALUES
         pa.field("error_kind", pa.string()),  # ImageDecodeError.kind, null when ok
         pa.field("error", pa.string()),  # message naming the object and the reason
         pa.field("width", pa.int32()),  # displayed size; null when not decodable
         pa.field("height", pa.int32()),
-        pa.field("num_faces", pa.int32(), nullable=False),
+        pa.field("num_faces", pa.int32()),  # null when status is error
         pa.field("model_name", pa.string(), nullable=False),
         pa.field("model_version", pa.string()),  # model registry version (--model), null for --weights
         pa.field("model_sha256", pa.string(), nullable=False),
@@ -62,9 +103,29 @@ ANNOTATION_SCHEMA = pa.schema(
         pa.field("decode_ms", pa.float32(), nullable=False),
         pa.field("detect_ms", pa.float32(), nullable=False),  # the image's share of its batch
         pa.field("quality_ms", pa.float32(), nullable=False),
-        pa.field("faces", pa.list_(pa.field("item", FACE_STRUCT, nullable=False)), nullable=False),
+        pa.field("faces", pa.list_(pa.field("item", FACE_STRUCT, nullable=False))),  # descending score; null when status is error
     ],
 )
+
+INTEGER_COLUMNS = ("width", "height", "num_faces")
+"""Nullable integer columns, which pandas would read as float64 without the files' pandas metadata."""
+
+
+def file_metadata(settings: dict[str, Any]) -> dict[bytes, bytes]:
+    """The Parquet key-value metadata of a shard file made with ``settings`` (see the module
+    docstring): the settings as one JSON and one key each, and pandas metadata that makes the
+    integer columns ``Int32``."""
+    pandas = {
+        "index_columns": [],
+        "column_indexes": [],
+        "columns": [{"name": c, "field_name": c, "pandas_type": "int32", "numpy_type": "Int32", "metadata": None} for c in INTEGER_COLUMNS],
+    }
+    return {
+        SETTINGS_METADATA_KEY: json.dumps(settings, sort_keys=True, default=str).encode(),
+        **{f"{SETTING_KEY_PREFIX}{k}".encode(): json.dumps(v, default=str).encode() for k, v in sorted(settings.items())},
+        b"pandas": json.dumps(pandas).encode(),
+    }
+
 
 # What a reader sees: the stored columns plus the hive partition column.
 PARTITION_SCHEMA = pa.schema([pa.field("shard", pa.string())])

@@ -188,12 +188,13 @@ def test_bad_input_is_refused_with_the_reason(loaded, image, message):
 def test_cli_json_and_draw(shared_dir, weights_dir, baseball, tmp_path):
     path = shared_dir / "images/crowd_baseball.jpg"
     out = subprocess.run(
-        [sys.executable, "-m", "retinaface_core", str(path), "--json", "--threshold", "0.6", "--draw", str(tmp_path)],
+        [sys.executable, "-m", "retinaface_core", str(path), "--json", "--score-threshold", "0.6", "--draw", str(tmp_path)],
         capture_output=True, text=True, check=True, env={**os.environ, "RETINAFACE_WEIGHTS_DIR": str(weights_dir)},
     )
     record = json.loads(out.stdout.strip().splitlines()[0])
     assert (record["width"], record["height"]) == (1024, 624)
-    expected = Detector(score_threshold=0.6).detect(baseball)[0]
+    # The command line starts from the annotation job's settings, not the API's.
+    expected = Detector(score_threshold=0.6, scale="long:640", batching="bucket").detect(baseball)[0]
     assert len(record["detections"]) == len(expected)
     np.testing.assert_allclose([d["box"] for d in record["detections"]], expected.boxes, atol=1e-3)
     np.testing.assert_allclose([d["landmarks"] for d in record["detections"]], expected.landmarks, atol=1e-3)

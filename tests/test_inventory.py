@@ -74,6 +74,7 @@ def test_csv_inventory_grows_and_shrinks(ray_session, make_bucket, tmp_path, cap
 
     first = run(config(write_s3_inventory(bucket, [*names, "photos/notes.txt", "other/outside.jpg"], "CSV")))
     assert first["images_listed"] == first["images_new"] == first["images"] == 30
+    assert first["objects_listed"] == 31 and first["objects_skipped"] == {"not_an_image_name": 1}, "notes.txt: counted, not annotated"
     rows = read_output(output)
     assert sorted(rows["uri"]) == sorted(day1) and (rows["status"] == "ok").all()
     before = committed(tmp_path / "out")
@@ -118,6 +119,7 @@ def test_uri_parquet_folder_entries_are_taken_as_given(ray_session, make_bucket,
     (folder / "_SUCCESS").write_text("")
     summary = run(job_config(f"s3://{bucket}/set/", str(tmp_path / "out"), inventory=str(folder), scale="long:320"))
     assert summary["images_listed"] == 5, "de-duplicated, under --input only"
+    assert summary["objects_listed"] == 6 and summary["objects_skipped"] == {"duplicate": 1}
     rows = read_output(str(tmp_path / "out")).set_index("uri")
     assert sorted(rows.index) == sorted([*uris, missing])
     assert rows.loc[missing, "error_kind"] == "not_found"

@@ -89,8 +89,8 @@ def test_bad_settings_are_refused_with_the_reason(text, message):
 
 
 def test_cli_takes_a_setting(capsys):
-    assert parse_args(["a.jpg", "--tta", "flip+pyramid:long:640"]).tta == TTA(True, (InputScale("long", 640),))
-    assert parse_args(["a.jpg"]).tta is None
+    assert parse_args(["a.jpg", "--tta", "flip+pyramid:long:640"]).settings.detector.tta == str(TTA(True, (InputScale("long", 640),)))
+    assert parse_args(["a.jpg"]).settings.detector.tta == "none"
     with pytest.raises(SystemExit):
         parse_args(["a.jpg", "--tta", "flop"])
     assert "unknown part 'flop'" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from retinaface_core import DetectorSettings, StorageOptions
 from retinaface_core.batching import PLAN_WINDOW_BATCHES
+from retinaface_core.flags import ANNOTATION_DEFAULTS
 from retinaface_core.image_io import DEFAULT_MAX_PIXELS
 
 
@@ -40,9 +41,8 @@ class AnnotateConfig:
             "help": "images per output file, the unit of commit (fewer when there are too few new images to give every actor a shard)"
         },
     )
-    detector: DetectorSettings = field(
-        default_factory=lambda: DetectorSettings(scale="long:640", batching="bucket"), metadata={"flatten": ""}
-    )
+    # The same defaults as the core's command line (python -m retinaface_core), so both find the same faces.
+    detector: DetectorSettings = field(default_factory=lambda: ANNOTATION_DEFAULTS, metadata={"flatten": ""})
     max_pixels: int = field(
         default=DEFAULT_MAX_PIXELS, metadata={"help": "images with more pixels become error rows (decompression bombs)"}
     )
@@ -100,6 +100,10 @@ class AnnotateConfig:
         default=None, metadata={"help": "torch intra-op threads per actor (default: --num-cpus-per-actor, at least 1)"}
     )
     overwrite: bool = field(default=False, metadata={"help": "delete previous results under --output and start over"})
+    add_input: bool = field(
+        default=False,
+        metadata={"help": "annotate --input into an --output that holds the results of another input (refused without it)"},
+    )
     s3: StorageOptions = field(default_factory=StorageOptions, metadata={"flatten": "s3_"})
     ray_address: str | None = field(
         default=None, metadata={"help": "Ray cluster to join: auto, host:port, ray://... (default: $RAY_ADDRESS, else a new local Ray)"}

@@ -7,10 +7,12 @@ Inventories (``--inventory``):
   whose columns ``fileSchema`` names, e.g. ``Bucket, Key, Size, LastModifiedDate``; keys are
   URL-encoded, decoded here as form-encoded: ``+`` is a space) or ``Parquet`` (``bucket`` and
   ``key`` columns). The objects under the ``--input`` prefix (which must be in the inventory's
-  source bucket) whose names have an image extension; of a versioned inventory, the latest,
-  not deleted, version.
+  source bucket); of a versioned inventory, the latest, not deleted, version.
 - a **Parquet file, or a folder of them, with a ``uri`` column**: its URIs under ``--input``,
-  taken as given (not filtered by extension, not checked to exist), like a manifest.
+  taken as given (not made canonical, not checked to exist).
+
+Of either, the images by the jobs' one rule (:func:`jobs._inputs.skip_reasons`); what it skips,
+and entries named twice, are counted by reason.
 
 The plan, as three Ray Data stages whose data stay in the object store:
 
@@ -46,7 +48,7 @@ import pyarrow.parquet as pq
 from retinaface_core.storage import StorageOptions, canonical_uri, filesystem, full_uri
 
 from .._exit import JobError
-from .._inputs import image_name_mask, storage_error
+from .._inputs import SKIP_REASONS, SkipCounts, skip_reasons, storage_error
 from .shards import make_shards, shard_table
 
 if TYPE_CHECKING:
@@ -73,6 +75,8 @@ _S3_COLUMNS = {
     "Parquet": ("key", "bucket", "is_latest", "is_delete_marker"),
 }
 _LISTED, _DONE = 0, 1
+# Sides of the inventory's entries the image rule skips, one per reason.
+_SKIPPED = {reason: 2 + i for i, reason in enumerate(SKIP_REASONS)}
 
 
 class InventoryError(ValueError):
@@ -217,7 +221,7 @@ def stable_hash(strings: pa.Array) -> np.ndarray:
 
 
 def _select(inventory: Inventory, batch: pa.RecordBatch) -> pa.Array:
-    """The selected URIs of one record batch of an inventory data file."""
+    """The URIs of one record batch of an inventory data file that are under the input prefix."""
     if inventory.format == "uri":
         uris = batch.column("uri").cast(pa.string())
         return uris.filter(pc.and_kleene(pc.is_valid(uris), pc.starts_with(uris, inventory.prefix)))
@@ -225,7 +229,7 @@ def _select(inventory: Inventory, batch: pa.RecordBatch) -> pa.Array:
     keys = batch.column(key_name).cast(pa.string())
     if inventory.format == "CSV":
         keys = _url_decoded(keys)
-    keep = pc.and_(pc.starts_with(keys, inventory.prefix), image_name_mask(keys))
+    keep = pc.starts_with(keys, inventory.prefix)
     names = batch.schema.names
     if latest in names:
         keep = pc.and_(keep, pc.fill_null(batch.column(latest), True))
@@ -306,7 +310,23 @@ def _blocks(files: Iterator[Iterator[pa.Array]], side: int = _LISTED) -> Iterato
 
 
 def _tagged(uris: pa.Array, side: int) -> pa.Table:
-    return pa.table({"uri": uris, "side": pa.array(np.full(len(uris), side, np.int8))})
+    """``uris`` with their side; a listed URI the image rule skips gets its reason's side instead."""
+    sides = np.full(len(uris), side, np.int8)
+    if side == _LISTED:
+        reasons = skip_reasons(uris)
+        for reason, code in _SKIPPED.items():
+            sides[pc.fill_null(pc.equal(reasons, reason), False).to_numpy(zero_copy_only=False)] = code
+    return pa.table({"uri": uris, "side": pa.array(sides)})
+
+
+def _side_counts(batch: pa.Table) -> pa.Table:
+    """Ray Data UDF: a block -> its row count per side."""
+    counts = pc.value_counts(batch.column("side").combine_chunks())
+    return pa.table({"side": counts.field("values"), "rows": counts.field("counts")})
+
+
+def _only_side(batch: pa.Table, side: int) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("side"), side))
 
 
 def _with_bucket(batch: pa.Table, buckets: int) -> pa.Table:
@@ -388,13 +408,16 @@ class InventoryImages:
 
 @dataclass
 class InventoryPlan:
-    """What an inventory says against the committed output: ``listed`` (selected, de-duplicated),
-    ``new`` (listed, not committed), ``removed`` (committed, not listed) and up to 3 of those."""
+    """What an inventory says against the committed output: ``objects`` (its entries under the
+    input), of which ``listed`` images (de-duplicated) and ``skipped`` the rest by reason, ``new``
+    (listed, not committed), ``removed`` (committed, not listed) and up to 3 of those."""
 
     listed: int
     new: InventoryImages
     removed: int
     removed_examples: list[str]
+    objects: int
+    skipped: SkipCounts
 
 
 def plan_inventory(inventory: Inventory, committed_files: list[str], output_fs: fsspec.AbstractFileSystem) -> InventoryPlan:
@@ -411,11 +434,20 @@ def plan_inventory(inventory: Inventory, committed_files: list[str], output_fs: 
 
 
 def _plan(inventory: Inventory, committed_files: list[str], output_fs: fsspec.AbstractFileSystem) -> InventoryPlan:
-    listed = (
+    read = (
         _paths(inventory.files)
         .map_batches(_read_inventory_files, fn_kwargs={"inventory": inventory}, batch_format="pyarrow", batch_size=None)
         .materialize()
     )
+    rows: dict[int, int] = {}
+    for row in read.map_batches(_side_counts, batch_format="pyarrow", batch_size=None).iter_rows():
+        rows[int(row["side"])] = rows.get(int(row["side"]), 0) + int(row["rows"])
+    skipped = SkipCounts()
+    for reason, side in _SKIPPED.items():
+        if rows.get(side):
+            examples = read.map_batches(_only_side, fn_kwargs={"side": side}, batch_format="pyarrow", batch_size=None).take(3)
+            skipped.add(reason, [row["uri"] for row in examples], rows[side])
+    listed = read.map_batches(_only_side, fn_kwargs={"side": _LISTED}, batch_format="pyarrow", batch_size=None)
     sides = [listed]
     if committed_files:
         sides.append(_paths(committed_files).map_batches(
@@ -435,7 +467,11 @@ def _plan(inventory: Inventory, committed_files: list[str], output_fs: fsspec.Ab
     new_count, removed_count = new.count(), removed.count()
     examples = [row["uri"] for row in removed.take(3)] if removed_count else []
     # Every committed URI is either listed (and so not new) or removed.
-    return InventoryPlan(new_count + committed - removed_count, InventoryImages(new, new_count), removed_count, examples)
+    unique = new_count + committed - removed_count
+    duplicates = rows.get(_LISTED, 0) - unique
+    if duplicates:
+        skipped.add("duplicate", [], duplicates)
+    return InventoryPlan(unique, InventoryImages(new, new_count), removed_count, examples, sum(rows.values()), skipped)
 
 
 def _inventory_error(exc: BaseException | None) -> InventoryError | None:

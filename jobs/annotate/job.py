@@ -9,7 +9,7 @@ import uuid
 
 from retinaface_core.storage import redact
 
-from .._cluster import init_ray, pool_size
+from .._cluster import dropping_stderr_lines, init_ray, pool_size
 from .._config import format_config
 from .._exit import JobError
 from .config import AnnotateConfig
@@ -47,7 +47,8 @@ def run_pipeline(config: AnnotateConfig, run_id: str, plan: Plan) -> list[dict]:
         num_cpus=config.num_cpus_per_actor,
         num_gpus=gpus if gpus > 0 else None,
     )
-    return list(ds.iter_rows())
+    with dropping_stderr_lines():
+        return list(ds.iter_rows())
 
 
 class ShardsFailed(RuntimeError):
@@ -86,11 +87,13 @@ def run(config: AnnotateConfig) -> dict:
 
 def _print_plan(plan: Plan) -> None:
     print(
-        f"{plan.listed} images listed, {plan.listed - len(plan.new)} already annotated in {plan.committed} committed shards, "
-        f"{len(plan.new)} new; {len(plan.retry)} shards to redo for storage errors",
+        f"{plan.objects} objects listed: {plan.listed} images ({plan.listed - len(plan.new)} already annotated in {plan.committed} "
+        f"committed shards, {len(plan.new)} new), {plan.skipped.total()} skipped; {len(plan.retry)} shards to redo for storage errors",
         flush=True,
     )
-    if plan.removed:
+    if plan.skipped.total():
+        print(redact(f"annotate: skipped {plan.skipped.describe()}"), flush=True)
+    if plan.removed and len(plan.inputs) <= 1:
         examples = ", ".join(plan.removed_examples)
         print(
             f"annotate: warning: {plan.removed} annotated images are no longer in the input (e.g. {examples}); "

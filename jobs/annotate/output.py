@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 import uuid
 from collections.abc import Iterator, Sequence
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from retinaface_core.storage import StorageOptions, filesystem, write_atomic, write_exclusive
 from schemas.annotation import SETTINGS_METADATA_KEY
@@ -148,13 +150,34 @@ class OutputStore:
         self.fs.invalidate_cache()
 
     def check_writable(self) -> None:
-        """Write and delete a probe object, so a read-only or missing output fails before any work."""
-        probe = self.path("_runs", f".probe-{uuid.uuid4().hex}")
+        """Write and delete a probe object, so a read-only or missing output fails before any work;
+        a local folder the probe created is removed again, so a run that fails before it starts
+        leaves nothing behind."""
+        probe = self.path(f".probe-{uuid.uuid4().hex}")
+        created = _missing_folders(self.root) if isinstance(self.fs, LocalFileSystem) else []
         try:
             self.write_bytes(probe, b"")
             self.fs.rm(probe)
         except Exception as exc:
             raise JobError(f"output {self.uri} is not writable ({type(exc).__name__}: {exc})") from exc
+        finally:
+            for folder in created:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break  # not created, or no longer empty
+
+
+def _missing_folders(path: str) -> list[str]:
+    """``path`` and those of its parent folders that do not exist, deepest first."""
+    missing = []
+    while path and not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 def settings_fingerprint(settings: dict[str, Any]) -> str:

@@ -5,20 +5,20 @@ inventory, planned in Ray Data), the shards to redo, and the shard rows the acto
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from retinaface_core.quality import QUALITY_MODEL_VERSION
-from retinaface_core.storage import redact
+from retinaface_core.storage import canonical_uri, redact
 from schemas.annotation import SCHEMA_VERSION
 
 from .._cluster import init_ray
 from .._config import config_dict
 from .._exit import JobError
-from .._inputs import list_input
+from .._inputs import SkipCounts, list_input
 from .._model import ModelIdentity, resolve_model_identity
 from .config import AnnotateConfig
 from .digests import DigestSet, uri_digests
@@ -60,10 +60,12 @@ class ListedImages:
 class Plan:
     """What a run does, decided before any annotation work.
 
-    ``new`` are the listed URIs that no committed shard holds, ``retry`` the committed shards to
-    redo for their storage errors (id -> their URIs), ``removed`` the count of committed URIs
-    the input no longer has (reported, kept; ``removed_examples`` up to 3 of them), ``todo``
-    the count of shards to do once they are cut.
+    ``objects`` is what the input names, of which ``listed`` are images and ``skipped`` the rest
+    (by reason); ``new`` are the listed URIs that no committed shard holds, ``retry`` the
+    committed shards to redo for their storage errors (id -> their URIs), ``removed`` the count
+    of committed URIs the input no longer has (reported, kept; ``removed_examples`` up to 3 of
+    them), ``inputs`` every input the output holds results of, ``todo`` the count of shards to
+    do once they are cut.
     """
 
     store: OutputStore
@@ -75,6 +77,9 @@ class Plan:
     removed_examples: list[str]
     settings: dict
     model: ModelIdentity
+    objects: int = 0
+    skipped: SkipCounts = field(default_factory=SkipCounts)
+    inputs: list[str] = field(default_factory=list)
     todo: int = 0
 
 
@@ -94,8 +99,37 @@ def output_settings(config: AnnotateConfig, model: ModelIdentity) -> dict:
 
 
 def comparable(settings: dict) -> dict:
-    """``settings`` less where the checkpoint came from: what two runs into one output must share."""
-    return {k: v for k, v in settings.items() if k != "model_checkpoint"}
+    """``settings`` less where the checkpoint came from and the inputs: what two runs into one
+    output must share."""
+    return {k: v for k, v in settings.items() if k not in ("model_checkpoint", INPUTS)}
+
+
+INPUTS = "inputs"
+"""The key of ``_dataset.json`` listing the inputs (canonical ``--input`` URIs) the output holds results of."""
+
+
+def check_settings(output: str, stored: dict, settings: dict) -> None:
+    """Refuse an output whose ``_dataset.json`` holds ``stored`` settings other than this run's."""
+    changed = sorted(k for k in comparable(settings).keys() | comparable(stored).keys() if stored.get(k) != settings.get(k))
+    if changed:
+        differences = "; ".join(f"{k}: {stored.get(k)!r} in the output, {settings.get(k)!r} requested" for k in changed)
+        raise JobError(
+            f"output {output} holds results made with other settings ({differences}; stored in {output}/{OutputStore.DATASET}); "
+            "use --overwrite to start over, or another --output"
+        )
+
+
+def check_input(output: str, stored: dict, input_uri: str, add: bool) -> list[str]:
+    """The inputs the output will hold results of, ``input_uri`` among them (to record if new):
+    another input than those ``stored`` is refused unless ``add`` (``--add-input``). An output
+    of a version that did not record its inputs takes this one."""
+    inputs = list(stored.get(INPUTS) or [])
+    if inputs and input_uri not in inputs and not add:
+        raise JobError(
+            f"output {output} holds the results of another input ({', '.join(inputs)}), not of {input_uri}: "
+            "give --add-input to annotate this input into it as well, or another --output (--overwrite starts over)"
+        )
+    return inputs if input_uri in inputs else [*inputs, input_uri]
 
 
 def prepare(config: AnnotateConfig, run_id: str) -> Plan:
@@ -112,11 +146,11 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
     store = OutputStore(config.output, config.s3)
     store.check_writable()
     inventory = open_inventory(config.inventory, config.input, config.s3) if config.inventory else None
-    uris = None if inventory else list_input(config.input, config.s3)
+    named = None if inventory else list_input(config.input, config.s3)
     if config.overwrite:
         store.clear()
     settings = output_settings(config, model)
-    listing = claim_output(store, settings, config.output)
+    listing, inputs, stored = claim_output(store, settings, config)
     # What is already annotated comes from the output itself (its uri column), so a grown input
     # gets only its new objects annotated, in new shards, and no URI is ever annotated twice.
     new: NewImages
@@ -124,15 +158,18 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
         init_ray(config.ray_address)
         found = plan_inventory(inventory, [store.shard_path(s, fp) for s, fp in sorted(listing.committed.items())], store.fs)
         listed, new, removed, examples = found.listed, found.new, found.removed, found.removed_examples
+        objects, skipped = found.objects, found.skipped
     else:
-        assert uris is not None
-        listed = len(uris)
-        new, removed, examples = split_listing(uris, store, listing.committed)
-        del uris  # the new ones are what the run keeps
+        assert named is not None
+        listed, objects, skipped = len(named.uris), named.objects, named.skipped
+        new, removed, examples = split_listing(named.uris, store, listing.committed)
+        del named  # the new ones are what the run keeps
     retry_ids = sorted(listing.retry & listing.committed.keys())
     retry = {shard: store.read_uris({shard: listing.committed[shard]}).to_pylist() for shard in retry_ids}
+    if stored is not None and inputs != stored.get(INPUTS):
+        store.write_json(OutputStore.DATASET, {**stored, INPUTS: inputs})
     store.write_json(f"_runs/{run_id}/config.json", {"run_id": run_id, **config_dict(config)})
-    return Plan(store, listed, len(listing.committed), new, retry, removed, examples, settings, model)
+    return Plan(store, listed, len(listing.committed), new, retry, removed, examples, settings, model, objects, skipped, inputs)
 
 
 def check_config(config: AnnotateConfig) -> None:
@@ -148,20 +185,20 @@ def check_config(config: AnnotateConfig) -> None:
         )
 
 
-def claim_output(store: OutputStore, settings: dict, output: str) -> OutputListing:
+def claim_output(store: OutputStore, settings: dict, config: AnnotateConfig) -> tuple[OutputListing, list[str], dict | None]:
     """The listing of ``store`` (``--output``), once its ``_dataset.json`` and every committed
-    shard are known to be made with ``settings``; :class:`JobError` naming the difference otherwise."""
+    shard are known to be made with ``settings`` from this input (or ``--add-input``); the
+    output's inputs with this one; and the ``_dataset.json`` found (None if this run made it).
+    :class:`JobError` naming the difference otherwise."""
+    output = config.output
+    input_uri = redact(canonical_uri(config.input, config.s3))
+    inputs, stored = [input_uri], None
     # The first run to create _dataset.json owns the output; a concurrent run that lost the race
     # reads the winner's settings here and is refused below if they differ.
-    if not store.create_json(OutputStore.DATASET, settings):
+    if not store.create_json(OutputStore.DATASET, {**settings, INPUTS: inputs}):
         stored = store.read_json(OutputStore.DATASET) or {}
-        changed = sorted(k for k in comparable(settings).keys() | comparable(stored).keys() if stored.get(k) != settings.get(k))
-        if changed:
-            raise JobError(
-                f"output {output} holds results made with other settings ({', '.join(changed)}: "
-                f"{ {k: stored.get(k) for k in changed} } vs { {k: settings.get(k) for k in changed} }); "
-                "use --overwrite to start over, or another --output"
-            )
+        check_settings(output, stored, settings)
+        inputs = check_input(output, stored, input_uri, config.add_input)
     listing = store.listing()
     fingerprint = settings_fingerprint(comparable(settings))
     mixed = {shard: fp for shard, fp in listing.committed.items() if fp != fingerprint}
@@ -173,7 +210,7 @@ def claim_output(store: OutputStore, settings: dict, output: str) -> OutputListi
             f"_dataset.json says (e.g. shard {shard}: {found or 'written by an older version'}); "
             "use --overwrite to start over, or another --output"
         )
-    return listing
+    return listing, inputs, stored
 
 
 # Committed URIs looked up at once: enough that the sorted queries walk the listing's digests

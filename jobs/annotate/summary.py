@@ -38,6 +38,8 @@ def shard_summary(shard_id: str, images: list[FetchedImage], stats: BatchStats |
 
 
 def summarise(run_id: str, plan: Plan, results: list[dict], seconds: float) -> dict:
+    """The run's summary: ``objects_listed`` = ``images_listed`` + the ``objects_skipped`` counts,
+    ``images_listed`` = ``images_already_annotated`` + ``images_new``."""
     done = [r for r in results if not r["error"]]
     images = sum(int(r["images"]) for r in done)
     kinds: Counter = Counter()
@@ -46,9 +48,13 @@ def summarise(run_id: str, plan: Plan, results: list[dict], seconds: float) -> d
     stats = BatchStats(*(sum(int(r[key]) for r in done) for key in ("passes", "detected", "slots", "canvas_pixels", "content_pixels")))
     return {
         "run_id": run_id,
+        "objects_listed": plan.objects,
+        "objects_skipped": dict(sorted(plan.skipped.counts.items())),
         "images_listed": plan.listed,
+        "images_already_annotated": plan.listed - len(plan.new),
         "images_new": len(plan.new),
-        "images_removed_from_input": plan.removed,
+        # One input's listing cannot tell another input's images from removed ones.
+        "images_removed_from_input": plan.removed if len(plan.inputs) <= 1 else None,
         "shards_total": plan.committed + plan.todo - len(plan.retry),
         "shards_skipped_already_committed": plan.committed - len(plan.retry),
         "shards_redone_for_storage_errors": len(plan.retry),

@@ -19,7 +19,6 @@ Two ways to feed it (``--decode``):
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import pickle
 import threading
@@ -38,7 +37,7 @@ from retinaface_core.batching import detect_window
 from retinaface_core.device_decode import decode_fetched, device_decoder_available
 from retinaface_core.image_io import RETRYABLE_KINDS, FetchedImage, fetch_image
 from retinaface_core.quality import quality_features
-from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, SETTINGS_METADATA_KEY
+from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, file_metadata
 
 from .._model import ModelIdentity, load_detector
 from .output import OutputStore, parquet_bytes, settings_fingerprint
@@ -149,7 +148,7 @@ class ShardAnnotator:
         self.config = config
         self.run_id = run_id
         self.model = model
-        self.settings_json = json.dumps(settings, sort_keys=True, default=str).encode()
+        self.metadata = file_metadata(settings)
         self.fingerprint = settings_fingerprint(settings)
         torch.set_num_threads(config.threads_per_actor)
         self.detector = load_detector(config.detector, config.s3, model, config.num_gpus_per_actor)
@@ -217,7 +216,7 @@ class ShardAnnotator:
         if batch:
             self._detect(batch, images, faces, detect_ms, quality_ms)
         table = self._table(images, [s if f is not None else None for s, f in zip(sizes, faces)], faces, detect_ms, quality_ms)
-        table = table.replace_schema_metadata({SETTINGS_METADATA_KEY: self.settings_json})
+        table = table.replace_schema_metadata(self.metadata)
         retryable = [item.uri for item in images if item.error_kind in RETRYABLE_KINDS]
         # The mark goes first: a run that dies between the two still leaves the shard to redo.
         if retryable:
@@ -292,7 +291,11 @@ class ShardAnnotator:
         face_arrays = [pa.array(face_index, type=FACE_STRUCT[0].type)] + [
             pa.array(flat[:, c], type=FACE_STRUCT[c + 1].type) for c in range(len(FACE_STRUCT) - 1)
         ]
-        face_list = pa.ListArray.from_arrays(pa.array(offsets), pa.StructArray.from_arrays(face_arrays, fields=list(FACE_STRUCT)))
+        # An error row has no faces at all (null), not zero faces.
+        failed = np.array([f is None for f in faces], bool)
+        face_list = pa.ListArray.from_arrays(
+            pa.array(offsets), pa.StructArray.from_arrays(face_arrays, fields=list(FACE_STRUCT)), mask=pa.array(failed)
+        )
         columns = {
             "uri": [i.uri for i in images],
             "status": ["ok" if i.error_kind is None else "error" for i in images],
@@ -300,7 +303,7 @@ class ShardAnnotator:
             "error": [i.error for i in images],
             "width": [None if hw is None else hw[1] for hw in sizes],
             "height": [None if hw is None else hw[0] for hw in sizes],
-            "num_faces": counts,
+            "num_faces": pa.array(counts, mask=failed),
             "model_name": [self.model.name] * n,
             "model_version": [self.model.version] * n,
             "model_sha256": [self.model.sha256] * n,
