@@ -1,0 +1,75 @@
+"""Aligned face crops of the annotation job (``--crops SIZE``): the worker's hook and the crops table.
+
+The worker calls :func:`crop_rows` once per detect window, after detection and quality, with
+the window's decoded images: it picks the faces that pass ``--crop-min-size`` and
+``--crop-min-quality``, aligns them all at once on the images' device
+(:func:`retinaface_core.align.align_faces`), encodes them on the CPU and returns their rows of
+``schemas.crops.CROPS_SCHEMA``. The shard writes the rows of all its windows as one crops
+object before its annotation object (see ``docs/annotate.md``, "Aligned face crops").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+from torch import Tensor
+
+from retinaface_core.align import JPEG_QUALITY, align_faces, encode_crops
+from retinaface_core.postprocessing import Detections
+from retinaface_core.quality import FaceQuality
+from schemas.crops import CROPS_SCHEMA, CROPS_SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from .annotate import AnnotateConfig
+
+
+def crop_settings(config: AnnotateConfig) -> dict[str, Any]:
+    """What the crops of an output are made with (part of its settings when ``--crops`` is on)."""
+    return {
+        "size": config.crops,
+        "format": config.crop_format,
+        "min_size": config.crop_min_size,
+        "min_quality": config.crop_min_quality,
+        "jpeg_quality": JPEG_QUALITY,
+        "schema_version": CROPS_SCHEMA_VERSION,
+    }
+
+
+def crop_rows(
+    config: AnnotateConfig,
+    run_id: str,
+    uris: Sequence[str],
+    images: Sequence[np.ndarray | Tensor],
+    detections: Sequence[Detections],
+    quality: Sequence[FaceQuality],
+) -> pa.Table:
+    """The crops table rows (``CROPS_SCHEMA``) of a window's faces that pass the crop filters.
+
+    uris, images (H x W x 3 uint8 BGR arrays, or tensors on the device the crops are made on),
+    detections and quality: one entry per image, in the same order. ``face_index`` is the
+    face's position in its image's detections, as in the annotation rows.
+    """
+    keep = [(q.face_size >= config.crop_min_size) & (q.quality >= config.crop_min_quality) for q in quality]
+    landmarks = np.concatenate([d.landmarks[k] for d, k in zip(detections, keep)]) if keep else np.zeros((0, 5, 2), np.float32)
+    image_index = np.repeat(np.arange(len(keep)), [int(k.sum()) for k in keep])
+    face_index = np.concatenate([np.flatnonzero(k) for k in keep]).astype(np.int32) if keep else np.zeros(0, np.int32)
+    if not len(landmarks):
+        return CROPS_SCHEMA.empty_table()
+    crops, matrices, residuals = align_faces(list(images), landmarks, config.crops, image_index=image_index)
+    count = len(landmarks)
+    matrices = matrices.cpu().numpy() if isinstance(matrices, Tensor) else matrices
+    residuals = residuals.cpu().numpy() if isinstance(residuals, Tensor) else residuals
+    columns = {
+        "uri": pa.array([uris[i] for i in image_index], pa.string()),
+        "face_index": pa.array(face_index, pa.int32()),
+        "run_id": pa.array([run_id] * count, pa.string()),
+        "size": pa.array(np.full(count, config.crops, np.int32)),
+        "format": pa.array([config.crop_format] * count, pa.string()),
+        "matrix": pa.FixedSizeListArray.from_arrays(pa.array(matrices.reshape(-1), pa.float32()), 6),
+        "residual": pa.array(residuals, pa.float32()),
+        "crop": pa.array(encode_crops(crops, config.crop_format), pa.binary()),
+    }
+    return pa.Table.from_arrays([columns[f.name] for f in CROPS_SCHEMA], schema=CROPS_SCHEMA)
