@@ -158,7 +158,11 @@ def warp_faces(images: Sequence[Tensor], image_index: Tensor, matrices: Tensor, 
             grid = F.affine_grid(theta, [len(faces), 3, size, size], align_corners=False).reshape(1, len(faces) * size, size, 2)
             region = images[i][y0:y1, x0:x1].permute(2, 0, 1)[None].to(torch.float32)
             sampled = F.grid_sample(region, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            crops[faces.to(device)] = sampled.reshape(3, len(faces), size, size).permute(1, 2, 3, 0).round().clamp(0, 255).to(torch.uint8)
+            # Rounded to bytes while planar, then interleaved by a channels-last copy, whose memory is
+            # the crops' (n * size, size, 3) layout: a copy through permuted strides is several times slower.
+            planar = sampled.round_().clamp_(0, 255).to(torch.uint8)
+            interleaved = planar.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+            crops[faces.to(device)] = interleaved.reshape(len(faces), size, size, 3)
     return crops
 
 
