@@ -3,18 +3,18 @@
 Fills a bucket with ``--objects`` tiny objects, then, each in a fresh process so that peak RSS
 is the planner's own:
 
-1. **listing** (``jobs._storage.list_input``): seconds, LIST requests (one per 1,000 keys),
+1. **listing** (``jobs._inputs.list_input``): seconds, LIST requests (one per 1,000 keys),
    driver peak RSS growth, bytes per object;
 2. **resume** with every object committed (synthetic shard files of ``--rows-per-file`` URIs,
    named as the job names them): the one recursive listing of the output, reading the ``uri``
-   column of every shard and the anti-join (``jobs.annotate.split_listing``, what
-   ``jobs.annotate.prepare`` runs), after a first resume of 1,000 objects that pays the fixed
+   column of every shard and the anti-join (``jobs.annotate.plan.split_listing``, what
+   ``jobs.annotate.plan.prepare`` runs), after a first resume of 1,000 objects that pays the fixed
    costs;
 3. **reading the output** locally, the same rows as files of 64 and of 1,000 rows: pyarrow and
    duckdb ``count(*)``;
 4. **inventory** (``--inventory-rows``, no objects needed): a ``uri`` Parquet inventory of
    generated URIs in a local folder, half of them committed as shard files, planned by the Ray
-   planner (``jobs._inventory.plan_inventory`` and the shard cutting, on a private local Ray of
+   planner (``jobs.annotate.inventory.plan_inventory`` and the shard cutting, on a private local Ray of
    2 CPUs) and, for comparison, by the driver planner (the same URIs as one Parquet manifest:
    ``list_input`` and ``split_listing``): seconds and the driver's peak RSS growth per object.
 
@@ -54,8 +54,9 @@ def _reset_peak() -> None:
 
 def child(step: str, uri: str, output: str) -> dict:
     """One measured step, run in this (fresh) process."""
-    from jobs._storage import OutputStore, list_input
-    from jobs.annotate import split_listing
+    from jobs._inputs import list_input
+    from jobs.annotate.output import OutputStore
+    from jobs.annotate.plan import split_listing
 
     if step.startswith("inventory"):
         return inventory_child(step.split(":", 1)[1], uri, output)
@@ -102,9 +103,10 @@ def inventory_child(planner: str, inventory: str, output: str) -> dict:
     """Plan the ``uri`` inventory at ``inventory`` (a folder; ``inventory``.parquet: the same
     URIs as one file) against the shards committed under ``output``, with the Ray or the
     driver planner; peak RSS growth of this (driver) process."""
-    from jobs._inventory import open_inventory, plan_inventory
-    from jobs._storage import OutputStore, list_input
-    from jobs.annotate import split_listing
+    from jobs.annotate.inventory import open_inventory, plan_inventory
+    from jobs._inputs import list_input
+    from jobs.annotate.output import OutputStore
+    from jobs.annotate.plan import split_listing
 
     store = OutputStore(output)
     result: dict = {}
@@ -141,7 +143,8 @@ def write_inventory(folder: Path, rows: int, rows_per_file: int = 1000) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs._storage import OutputStore, make_shards
+    from jobs.annotate.output import OutputStore
+    from jobs.annotate.shards import make_shards
 
     uris = pa.array([f"s3://plan/photos/{i // 1000:05d}/{i:09d}.jpg" for i in range(rows)])
     (folder / "inventory").mkdir(parents=True)
@@ -183,7 +186,8 @@ def commit_all(uris: list[str], output: str, rows_per_file: int) -> None:
     import fsspec
     import pyarrow as pa
 
-    from jobs._storage import make_shards, parquet_bytes
+    from jobs.annotate.output import parquet_bytes
+    from jobs.annotate.shards import make_shards
 
     fs = fsspec.filesystem("s3")
     files = {}

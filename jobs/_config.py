@@ -142,9 +142,10 @@ def from_values(cls: type[T], values: dict[str, Any]) -> T:
     return cls(**outer)
 
 
-def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per (flattened) field of the dataclass ``cls``."""
-    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().splitlines()[0])
+def build_parser(cls: type, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per (flattened) field of the dataclass ``cls``; ``prog``
+    names the command in its usage line (default: the script's file name)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip().splitlines()[0])
     parser.add_argument("--config", type=Path, help="YAML file of settings; flags given here override it")
     add_flags(parser, cls)
     return parser
@@ -175,9 +176,9 @@ def _yaml_values(cls: type, path: Path, parser: argparse.ArgumentParser) -> dict
     return values
 
 
-def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None, prog: str | None = None) -> T:
     """Build a ``cls`` from a YAML file (``--config``) and flags; flags win. Exits on bad input."""
-    parser = build_parser(cls, description)
+    parser = build_parser(cls, description, prog)
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config", None)
     values = _yaml_values(cls, config_file, parser) if config_file is not None else {}

@@ -1,4 +1,5 @@
-"""Exit statuses of ``jobs.train`` and ``jobs.registry``, for schedulers (the weekly CronJob).
+"""How a job ends: :class:`JobError` for a job-level problem, and the exit statuses of ``jobs.train`` and
+``jobs.registry``, for schedulers (the weekly CronJob).
 
 =====  ==========================================================================================
 code   meaning
@@ -17,6 +18,10 @@ code   meaning
 from __future__ import annotations
 
 import enum
+
+
+class JobError(RuntimeError):
+    """A problem of the job itself (not of one image): reported before any work starts."""
 
 
 class ExitCode(enum.IntEnum):

@@ -18,7 +18,7 @@ from retinaface_core.registry import RegistryError, version_label
 from retinaface_core.storage import StorageOptions
 from retinaface_core.weights import CheckpointError, LoadedWeights, load_weights
 
-from ._storage import JobError
+from ._exit import JobError
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from retinaface_core.widerface import WiderFormatError, read_ground_truth_mat, s
 from ._cluster import init_ray, pool_size
 from ._config import config_dict, format_config, parse_config
 from ._model import ModelIdentity, load_detector, resolve_model_identity
-from ._storage import JobError, list_input
+from ._exit import JobError
+from ._inputs import list_input
 
 
 @dataclass

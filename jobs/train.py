@@ -70,8 +70,7 @@ from retinaface_core.widerface import LEVELS, WiderValGroundTruth, read_ground_t
 
 from ._cluster import init_ray
 from ._config import config_dict, format_config, parse_config
-from ._exit import ExitCode
-from ._storage import JobError
+from ._exit import ExitCode, JobError
 
 # Progress goes through logging, not print: Ray Train workers echo a print twice (their stdout
 # and the root logger), a log record once.

@@ -30,7 +30,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs._samples import broken_files, generated_images, oversized_png, shared_photos
-from jobs._storage import JobError, list_input, make_shards
+from jobs._exit import JobError
+from jobs._inputs import list_input
+from jobs.annotate.shards import make_shards
 from jobs._config import from_values
 from jobs.annotate import AnnotateConfig, run
 from retinaface_core import Detector

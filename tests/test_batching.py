@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from benchmarks.bench_device import simulate_plan
-from jobs.annotate import ListedImages, Plan, summarise
-from jobs._annotator import _summary
+from jobs.annotate.plan import ListedImages, Plan
+from jobs.annotate.summary import shard_summary as _summary
+from jobs.annotate.summary import summarise
 from retinaface_core import Detector, load_weights
 from retinaface_core.batching import PLAN_WINDOW_BATCHES, BatchStats, plan_batches
 from retinaface_core.evaluation import evaluate

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs._samples import generated_images
-from jobs._storage import make_shards
 from jobs.annotate import main, run
+from jobs.annotate.shards import make_shards
 from tests.test_annotate import committed, job_config, read_output, upload
 
 PHOTOS = generated_images()

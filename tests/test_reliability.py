@@ -25,11 +25,13 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from jobs._annotator import decode_ahead
+from jobs.annotate.worker import decode_ahead
 from jobs._config import from_values
 from jobs._samples import generated_images
-from jobs._storage import JobError, make_shards
-from jobs.annotate import EXIT_SHARDS_FAILED, AnnotateConfig, main, run
+from jobs._exit import JobError
+from jobs.annotate import AnnotateConfig, main, run
+from jobs.annotate.cli import EXIT_SHARDS_FAILED
+from jobs.annotate.shards import make_shards
 from retinaface_core.image_io import fetch_image
 from retinaface_core.storage import filesystem
 from schemas.annotation import partitioning

@@ -45,7 +45,9 @@ import pyarrow.parquet as pq
 
 from retinaface_core.storage import StorageOptions, canonical_uri, filesystem, full_uri
 
-from ._storage import JobError, image_name_mask, make_shards, shard_table, storage_error
+from .._exit import JobError
+from .._inputs import image_name_mask, storage_error
+from .shards import make_shards, shard_table
 
 if TYPE_CHECKING:
     import ray.data
@@ -175,7 +177,11 @@ def _file_problem(inventory: Inventory, path: str) -> str | None:
         if inventory.format == "CSV":
             with inventory.fs.open(path, "rb", compression="gzip") as f:
                 first = f.readline()
-            width = pacsv.read_csv(pa.py_buffer(first), pacsv.ReadOptions(autogenerate_column_names=True)).num_columns if first.strip() else len(inventory.columns)
+            width = (
+                pacsv.read_csv(pa.py_buffer(first), pacsv.ReadOptions(autogenerate_column_names=True)).num_columns
+                if first.strip()
+                else len(inventory.columns)
+            )
             if width != len(inventory.columns):
                 return f"data file {name} has {width} columns, but fileSchema names {len(inventory.columns)}"
             return None
@@ -247,7 +253,9 @@ def _batches(inventory: Inventory, path: str) -> Iterator[pa.RecordBatch]:
             reader = pacsv.open_csv(
                 f,
                 read_options=pacsv.ReadOptions(column_names=list(inventory.columns), block_size=8 << 20),
-                convert_options=pacsv.ConvertOptions(include_columns=wanted, column_types={key: pa.string(), latest: pa.bool_(), deleted: pa.bool_()}),
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=wanted, column_types={key: pa.string(), latest: pa.bool_(), deleted: pa.bool_()}
+                ),
             )
             yield from reader
         return
@@ -303,7 +311,9 @@ def _tagged(uris: pa.Array, side: int) -> pa.Table:
 
 def _with_bucket(batch: pa.Table, buckets: int) -> pa.Table:
     """Ray Data UDF: adds ``bucket``, the URI's stable hash modulo ``buckets``."""
-    return batch.append_column("bucket", pa.array((stable_hash(batch.column("uri").combine_chunks()) % np.uint64(buckets)).astype(np.int64)))
+    return batch.append_column(
+        "bucket", pa.array((stable_hash(batch.column("uri").combine_chunks()) % np.uint64(buckets)).astype(np.int64))
+    )
 
 
 def _anti_join(group: pa.Table) -> pa.Table:
@@ -315,10 +325,12 @@ def _anti_join(group: pa.Table) -> pa.Table:
     done = uris.filter(pc.equal(side, _DONE)).combine_chunks()
     new = listed.filter(pc.invert(pc.is_in(listed, value_set=done)))
     removed = done.filter(pc.invert(pc.is_in(done, value_set=listed)))
-    return pa.table({
-        "uri": pa.concat_arrays([new, removed]),
-        "removed": pa.array(np.arange(len(new) + len(removed)) >= len(new)),
-    })
+    return pa.table(
+        {
+            "uri": pa.concat_arrays([new, removed]),
+            "removed": pa.array(np.arange(len(new) + len(removed)) >= len(new)),
+        }
+    )
 
 
 def _keep(batch: pa.Table, removed: bool) -> pa.Table:
@@ -399,9 +411,11 @@ def plan_inventory(inventory: Inventory, committed_files: list[str], output_fs: 
 
 
 def _plan(inventory: Inventory, committed_files: list[str], output_fs: fsspec.AbstractFileSystem) -> InventoryPlan:
-    listed = _paths(inventory.files).map_batches(
-        _read_inventory_files, fn_kwargs={"inventory": inventory}, batch_format="pyarrow", batch_size=None
-    ).materialize()
+    listed = (
+        _paths(inventory.files)
+        .map_batches(_read_inventory_files, fn_kwargs={"inventory": inventory}, batch_format="pyarrow", batch_size=None)
+        .materialize()
+    )
     sides = [listed]
     if committed_files:
         sides.append(_paths(committed_files).map_batches(

@@ -23,7 +23,7 @@ import logging
 import pickle
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -33,16 +33,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from retinaface_core.batching import PLAN_WINDOW_BATCHES, BatchStats
+from retinaface_core.batching import PLAN_WINDOW_BATCHES
 from retinaface_core.image_io import RETRYABLE_KINDS, FetchedImage, fetch_image
 from retinaface_core.quality import FaceQuality, face_quality
 from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, LANDMARK_NAMES, QUALITY_COLUMNS, SETTINGS_METADATA_KEY
 
-from ._model import ModelIdentity, load_detector
-from ._storage import OutputStore, parquet_bytes, settings_fingerprint
+from .._model import ModelIdentity, load_detector
+from .output import OutputStore, parquet_bytes, settings_fingerprint
+from .summary import shard_summary
 
 if TYPE_CHECKING:
-    from .annotate import AnnotateConfig
+    from .config import AnnotateConfig
 
 log = logging.getLogger(__name__)
 
@@ -150,24 +151,25 @@ class ShardAnnotator:
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        summaries = []
         payloads = batch.get("payload")
-        for i, (shard_id, uris, marked) in enumerate(zip(batch["shard"], batch["uris"], batch["retry"])):
-            shard_id, uris = str(shard_id), [str(u) for u in uris]
-            payload = payloads[i] if payloads is not None else None
-            try:
-                summaries.append(
-                    with_retries(
-                        lambda: self._annotate_shard(shard_id, pickle.loads(payload) if payload else self._decode_ahead(uris), bool(marked)),
-                        self.config.shard_attempts,
-                        self.config.retry_backoff,
-                        f"shard {shard_id}",
-                        retry_if=lambda exc: not isinstance(exc, CommitFailed),
-                    )
-                )
-            except Exception as exc:
-                summaries.append({**_summary(shard_id, []), "error": f"{type(exc).__name__}: {exc}"})
+        summaries = [
+            self._shard(str(shard_id), [str(u) for u in uris], bool(marked), payloads[i] if payloads is not None else None)
+            for i, (shard_id, uris, marked) in enumerate(zip(batch["shard"], batch["uris"], batch["retry"], strict=True))
+        ]
         return {key: np.array([s[key] for s in summaries]) for key in summaries[0]}
+
+    def _shard(self, shard_id: str, uris: list[str], marked: bool, payload: bytes | None) -> dict[str, Any]:
+        """One shard row's summary: annotated and committed, tried again on failure; ``error`` set if it never committed."""
+        try:
+            return with_retries(
+                lambda: self._annotate_shard(shard_id, pickle.loads(payload) if payload else self._decode_ahead(uris), marked),
+                self.config.shard_attempts,
+                self.config.retry_backoff,
+                f"shard {shard_id}",
+                retry_if=lambda exc: not isinstance(exc, CommitFailed),
+            )
+        except Exception as exc:
+            return {**shard_summary(shard_id, []), "error": f"{type(exc).__name__}: {exc}"}
 
     @property
     def _detect_window(self) -> int:
@@ -226,7 +228,7 @@ class ShardAnnotator:
         if marked and not retryable:
             self.store.clear_retry(shard_id)
         return {
-            **_summary(shard_id, images, self.detector.stats - stats_before),
+            **shard_summary(shard_id, images, self.detector.stats - stats_before),
             "faces": int(sum(len(f["score"]) for f in faces if f is not None)),
             "seconds": time.perf_counter() - start,
         }
@@ -243,7 +245,7 @@ class ShardAnnotator:
         start = time.perf_counter()
         detections = self.detector.detect([images[i].image for i in batch], self.config.batch_size)
         share = (time.perf_counter() - start) * 1e3 / len(batch)
-        for i, det in zip(batch, detections):
+        for i, det in zip(batch, detections, strict=True):
             q_start = time.perf_counter()
             quality = face_quality(images[i].image, det.boxes, det.scores, det.landmarks)
             faces[i] = _face_columns(det.boxes, det.scores, det.landmarks, quality)
@@ -270,9 +272,7 @@ class ShardAnnotator:
             )
             for field in FACE_STRUCT
         ]
-        face_list = pa.ListArray.from_arrays(
-            pa.array(offsets), pa.StructArray.from_arrays(face_arrays, fields=list(FACE_STRUCT))
-        )
+        face_list = pa.ListArray.from_arrays(pa.array(offsets), pa.StructArray.from_arrays(face_arrays, fields=list(FACE_STRUCT)))
         columns = {
             "uri": [i.uri for i in images],
             "status": ["ok" if i.error_kind is None else "error" for i in images],
@@ -294,29 +294,6 @@ class ShardAnnotator:
         }
         arrays = [pa.array(columns[f.name], type=f.type) for f in ANNOTATION_SCHEMA if f.name != "faces"]
         return pa.Table.from_arrays([*arrays, face_list.cast(ANNOTATION_SCHEMA.field("faces").type)], schema=ANNOTATION_SCHEMA)
-
-
-def _summary(shard_id: str, images: list[FetchedImage], stats: BatchStats | None = None) -> dict[str, Any]:
-    """A shard's summary row; ``error`` is set by the caller for a shard that did not commit.
-
-    ``passes`` .. ``content_pixels`` are the shard's forward passes (:class:`BatchStats`)."""
-    errors = Counter(item.error_kind for item in images if item.error_kind)
-    stats = stats or BatchStats()
-    return {
-        "shard": shard_id,
-        "images": len(images),
-        "faces": 0,
-        "errors": sum(errors.values()),
-        "errors_by_kind": json.dumps(dict(errors)),
-        "retryable_errors": sum(errors[kind] for kind in RETRYABLE_KINDS),
-        "seconds": 0.0,
-        "error": "",
-        "passes": stats.passes,
-        "detected": stats.images,
-        "slots": stats.slots,
-        "canvas_pixels": stats.canvas_pixels,
-        "content_pixels": stats.content_pixels,
-    }
 
 
 def _face_columns(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray, quality: FaceQuality) -> dict[str, np.ndarray]:

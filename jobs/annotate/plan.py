@@ -1,0 +1,233 @@
+"""What a run does, decided on the driver before any annotation work: every job-level check,
+then the new URIs (from a listing, compared by digest with the committed output, or from an
+inventory, planned in Ray Data), the shards to redo, and the shard rows the actor pool takes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from retinaface_core.quality import QUALITY_MODEL_VERSION
+from retinaface_core.storage import redact
+from schemas.annotation import SCHEMA_VERSION
+
+from .._cluster import init_ray
+from .._config import config_dict
+from .._exit import JobError
+from .._inputs import list_input
+from .._model import ModelIdentity, resolve_model_identity
+from .config import AnnotateConfig
+from .digests import DigestSet, uri_digests
+from .inventory import open_inventory, plan_inventory, union
+from .output import OutputStore, settings_fingerprint
+from .shards import Shard, make_shards, shard_table
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+class NewImages(Protocol):
+    """The listed URIs that no committed shard holds, cut into shards once the pool size is known."""
+
+    def __len__(self) -> int: ...
+
+    def shard_rows(self, images_per_shard: int) -> ray.data.Dataset | None:
+        """Materialized rows ``shard``, ``uris``, ``retry`` (see :func:`shard_table`), one block
+        each; None if none."""
+
+
+@dataclass(frozen=True)
+class ListedImages:
+    """New URIs held on the driver (sorted Arrow strings), cut into consecutive shards there."""
+
+    uris: pa.ChunkedArray
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def shard_rows(self, images_per_shard: int) -> ray.data.Dataset | None:
+        import ray
+
+        shards = make_shards(self.uris, images_per_shard)
+        return ray.data.from_arrow([shard_table([s], retry=False) for s in shards]) if shards else None
+
+
+@dataclass
+class Plan:
+    """What a run does, decided before any annotation work.
+
+    ``new`` are the listed URIs that no committed shard holds, ``retry`` the committed shards to
+    redo for their storage errors (id -> their URIs), ``removed`` the count of committed URIs
+    the input no longer has (reported, kept; ``removed_examples`` up to 3 of them), ``todo``
+    the count of shards to do once they are cut.
+    """
+
+    store: OutputStore
+    listed: int
+    committed: int
+    new: NewImages
+    retry: dict[str, list[str]]
+    removed: int
+    removed_examples: list[str]
+    settings: dict
+    model: ModelIdentity
+    todo: int = 0
+
+
+def output_settings(config: AnnotateConfig, model: ModelIdentity) -> dict:
+    """What every shard of an output is made with: ``_dataset.json`` and each shard's metadata.
+    Where the checkpoint came from may differ between runs (a name, then its path); its sha256
+    is what must not change."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_name": model.name,
+        "model_version": model.version,
+        "model_checkpoint": redact(model.checkpoint) if model.checkpoint else None,
+        "model_sha256": model.sha256,
+        "quality_model_version": QUALITY_MODEL_VERSION,
+        **config.fingerprint(),
+    }
+
+
+def comparable(settings: dict) -> dict:
+    """``settings`` less where the checkpoint came from: what two runs into one output must share."""
+    return {k: v for k, v in settings.items() if k != "model_checkpoint"}
+
+
+def prepare(config: AnnotateConfig, run_id: str) -> Plan:
+    """Every job-level check, then the plan: on the driver from a listing, or in Ray Data from
+    an inventory (``--inventory``; its files are checked before any Ray work).
+
+    Raises :class:`JobError` with a message naming the problem: bad settings, a checkpoint that
+    cannot be found, an input that cannot be listed, an inventory that cannot be read, an output
+    that cannot be written, or an output written with other settings (by an earlier run, by a
+    concurrent one, or found in a shard's own name).
+    """
+    if config.batch_size < 1 or (config.actors is not None and config.actors < 1):
+        raise JobError("--batch-size and --actors must be >= 1")
+    if config.num_cpus_per_actor <= 0 and config.num_gpus_per_actor <= 0:
+        raise JobError("an actor needs --num-cpus-per-actor > 0 or --num-gpus-per-actor > 0")
+    if (
+        min(
+            config.images_per_shard,
+            config.read_attempts,
+            config.shard_attempts,
+            config.max_bytes,
+            config.decode_window_mb,
+            config.decode_threads,
+        )
+        < 1
+    ):
+        raise JobError(
+            "--images-per-shard, --read-attempts, --shard-attempts, --max-bytes, --decode-window-mb and --decode-threads must be >= 1"
+        )
+    model, _ = resolve_model_identity(config.detector, config.s3)
+    store = OutputStore(config.output, config.s3)
+    store.check_writable()
+    inventory = open_inventory(config.inventory, config.input, config.s3) if config.inventory else None
+    uris = None if inventory else list_input(config.input, config.s3)
+    if config.overwrite:
+        store.clear()
+    settings = output_settings(config, model)
+    # The first run to create _dataset.json owns the output; a concurrent run that lost the race
+    # reads the winner's settings here and is refused below if they differ.
+    if not store.create_json(OutputStore.DATASET, settings):
+        stored = store.read_json(OutputStore.DATASET) or {}
+        changed = sorted(k for k in comparable(settings).keys() | comparable(stored).keys() if stored.get(k) != settings.get(k))
+        if changed:
+            raise JobError(
+                f"output {config.output} holds results made with other settings ({', '.join(changed)}: "
+                f"{ {k: stored.get(k) for k in changed} } vs { {k: settings.get(k) for k in changed} }); "
+                "use --overwrite to start over, or another --output"
+            )
+    listing = store.listing()
+    fingerprint = settings_fingerprint(comparable(settings))
+    mixed = {shard: fp for shard, fp in listing.committed.items() if fp != fingerprint}
+    if mixed:
+        shard, fp = next(iter(sorted(mixed.items())))
+        found = store.read_settings(shard, fp)
+        raise JobError(
+            f"output {config.output} holds {len(mixed)} committed shards made with other settings than "
+            f"_dataset.json says (e.g. shard {shard}: {found or 'written by an older version'}); "
+            "use --overwrite to start over, or another --output"
+        )
+    # What is already annotated comes from the output itself (its uri column), so a grown input
+    # gets only its new objects annotated, in new shards, and no URI is ever annotated twice.
+    if inventory is not None:
+        init_ray(config.ray_address)
+        found = plan_inventory(inventory, [store.shard_path(s, fp) for s, fp in sorted(listing.committed.items())], store.fs)
+        listed, new, removed, examples = found.listed, found.new, found.removed, found.removed_examples
+    else:
+        listed = len(uris)
+        new, removed, examples = split_listing(uris, store, listing.committed)
+        del uris  # the new ones are what the run keeps
+    retry_ids = sorted(listing.retry & listing.committed.keys())
+    retry = {shard: store.read_uris({shard: listing.committed[shard]}).to_pylist() for shard in retry_ids}
+    store.write_json(f"_runs/{run_id}/config.json", {"run_id": run_id, **config_dict(config)})
+    return Plan(store, listed, len(listing.committed), new, retry, removed, examples, settings, model)
+
+
+# Committed URIs looked up at once: enough that the sorted queries walk the listing's digests
+# in order, few enough to hold (~15 MB with their strings).
+LOOKUP_ROWS = 1 << 18
+
+
+def split_listing(uris: pa.ChunkedArray, store: OutputStore, committed: dict[str, str]) -> tuple[ListedImages, int, list[str]]:
+    """The listed URIs (each once) that no committed shard holds, and how many committed URIs
+    are no longer listed, with up to 3 of them.
+
+    Compared by digest (:class:`DigestSet`): the listing's digests are kept (24 B per URI, 40
+    at the peak while they are sorted) and the committed ``uri`` columns are streamed past them
+    ``LOOKUP_ROWS`` at a time. Measured with the listing, all committed, at 3*10^6 URIs: 105 B
+    per URI at the peak, where Arrow's ``is_in`` needed 255 (the committed URIs, a copy and a
+    hash set of them; ``benchmarks/bench_plan.py``).
+    """
+    listed = DigestSet(uri_digests(uris))
+    annotated = np.zeros(len(uris), bool)
+    removed, examples = 0, []
+    for done, digests in _lookup_rounds(store.uri_batches(committed)):
+        found = listed.find(digests)
+        annotated[found[found >= 0]] = True
+        missing = found < 0
+        removed += int(missing.sum())
+        examples += done.filter(pa.array(missing))[: 3 - len(examples)].to_pylist()
+    del listed
+    new = uris.filter(pa.array(~annotated)) if annotated.any() else uris
+    return ListedImages(new), removed, examples
+
+
+def _lookup_rounds(batches: Iterator[pa.Array]) -> Iterator[tuple[pa.ChunkedArray, np.ndarray]]:
+    """``batches`` of URIs regrouped into rounds of about ``LOOKUP_ROWS``, with their digests."""
+    held: list[pa.Array] = []
+    digests: list[np.ndarray] = []
+    for batch in batches:
+        held.append(batch)
+        digests.append(uri_digests(batch))
+        if sum(map(len, digests)) >= LOOKUP_ROWS:
+            yield pa.chunked_array(held, pa.string()), np.concatenate(digests)
+            held, digests = [], []
+    if held:
+        yield pa.chunked_array(held, pa.string()), np.concatenate(digests)
+
+
+def shard_rows(plan: Plan, images_per_shard: int, actors: int) -> ray.data.Dataset:
+    """The shards to do, one row and one block each, so that the actor pool hands shards out
+    one at a time (materialized: no task of its own competes with the actors for CPUs): those
+    to redo, then the new URIs in
+    shards of ``images_per_shard``, cut finer when there are too few to give each actor one.
+    Sets ``plan.todo``."""
+    import ray
+
+    size = max(1, min(images_per_shard, -(-len(plan.new) // actors)))
+    parts = (
+        [ray.data.from_arrow([shard_table([Shard(shard, uris)], retry=True) for shard, uris in plan.retry.items()])] if plan.retry else []
+    )
+    new = plan.new.shard_rows(size)
+    if new is not None:
+        parts.append(new)
+    plan.todo = sum(part.count() for part in parts)
+    return union(parts)

@@ -1,0 +1,67 @@
+"""The annotation job's summaries: one row per shard from the workers, one dict per run."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from retinaface_core.batching import BatchStats
+from retinaface_core.image_io import RETRYABLE_KINDS, FetchedImage
+from retinaface_core.storage import redact
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+
+def shard_summary(shard_id: str, images: list[FetchedImage], stats: BatchStats | None = None) -> dict[str, Any]:
+    """A shard's summary row; ``error`` is set by the caller for a shard that did not commit.
+
+    ``passes`` .. ``content_pixels`` are the shard's forward passes (:class:`BatchStats`)."""
+    errors = Counter(item.error_kind for item in images if item.error_kind)
+    stats = stats or BatchStats()
+    return {
+        "shard": shard_id,
+        "images": len(images),
+        "faces": 0,
+        "errors": sum(errors.values()),
+        "errors_by_kind": json.dumps(dict(errors)),
+        "retryable_errors": sum(errors[kind] for kind in RETRYABLE_KINDS),
+        "seconds": 0.0,
+        "error": "",
+        "passes": stats.passes,
+        "detected": stats.images,
+        "slots": stats.slots,
+        "canvas_pixels": stats.canvas_pixels,
+        "content_pixels": stats.content_pixels,
+    }
+
+
+def summarise(run_id: str, plan: Plan, results: list[dict], seconds: float) -> dict:
+    done = [r for r in results if not r["error"]]
+    images = sum(int(r["images"]) for r in done)
+    kinds: Counter = Counter()
+    for r in done:
+        kinds.update(json.loads(r["errors_by_kind"]))
+    stats = BatchStats(*(sum(int(r[key]) for r in done) for key in ("passes", "detected", "slots", "canvas_pixels", "content_pixels")))
+    return {
+        "run_id": run_id,
+        "images_listed": plan.listed,
+        "images_new": len(plan.new),
+        "images_removed_from_input": plan.removed,
+        "shards_total": plan.committed + plan.todo - len(plan.retry),
+        "shards_skipped_already_committed": plan.committed - len(plan.retry),
+        "shards_redone_for_storage_errors": len(plan.retry),
+        "shards_processed": len(done),
+        "shards_failed": {r["shard"]: redact(r["error"]) for r in results if r["error"]},
+        "shards_with_storage_errors": sum(1 for r in done if int(r["retryable_errors"])),
+        "images": images,
+        "faces": sum(int(r["faces"]) for r in done),
+        "errors": sum(int(r["errors"]) for r in done),
+        "errors_by_kind": dict(sorted(kinds.items())),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(images / seconds, 3) if seconds > 0 else 0.0,
+        "forward_passes": stats.passes,
+        "batch_fill": round(stats.batch_fill, 4),
+        "padding_fraction": round(stats.padding_fraction, 4),
+    }
