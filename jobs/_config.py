@@ -7,7 +7,8 @@ become flags of their own, named with the prefix given in ``metadata={"flatten":
 (``StorageOptions.endpoint_url`` with prefix ``s3_`` is ``--s3-endpoint-url``); each job chooses
 its defaults through the field's ``default_factory``. ``--config file.yaml`` supplies values
 first (flat flag names, or a mapping per embedded field) and flags given explicitly override
-them. Booleans are ``--flag/--no-flag``. A field without a default is required (from either
+them. Booleans are ``--flag/--no-flag``. A field with ``metadata={"positional": True}`` is
+given without a flag (``NAME``, optional on the command line so that YAML can supply it). A field without a default is required (from either
 source). ``Optional`` fields accept ``none`` on the command line.
 
 Flat flags rather than dotted ones (``--detector.scale``): they are what the manifests in
@@ -105,7 +106,16 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         elif "(default:" not in help_text:
             help_text += f" (default: {flag.default})"
         option = "--" + flag.name.replace("_", "-")
-        if type_ is bool:
+        if flag.field.metadata.get("positional"):
+            parser.add_argument(
+                flag.name,
+                nargs="?",
+                type=_parser_for(type_, optional),
+                default=argparse.SUPPRESS,
+                metavar=flag.name.upper(),
+                help=help_text,
+            )
+        elif type_ is bool:
             parser.add_argument(option, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(
@@ -115,6 +125,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                 choices=flag.field.metadata.get("choices"),
                 help=help_text,
             )
+
+
+def _spelling(flag: _Flag) -> str:
+    """How a setting is written on the command line: ``NAME`` (positional) or ``--flag-name``."""
+    return flag.name.upper() if flag.field.metadata.get("positional") else "--" + flag.name.replace("_", "-")
 
 
 def flag_names(cls: type) -> set[str]:
@@ -183,7 +198,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     config_file = args.pop("config", None)
     values = _yaml_values(cls, config_file, parser) if config_file is not None else {}
     values.update(args)
-    missing = ["--" + flag.name.replace("_", "-") for flag in _flags(cls) if flag.default is dataclasses.MISSING and flag.name not in values]
+    missing = [_spelling(flag) for flag in _flags(cls) if flag.default is dataclasses.MISSING and flag.name not in values]
     if missing:
         parser.error(f"missing required settings: {', '.join(missing)}")
     try:

@@ -49,13 +49,16 @@ ARCFACE_TEMPLATE_112 = np.array(
 CROP_FORMATS = ("jpeg", "png")
 
 JPEG_QUALITY = 95
-"""Quality of JPEG crops: what face datasets are usually stored at; recognition models are
-insensitive to its artefacts at this level, and a 112 px crop takes a few KB."""
+"""Quality of JPEG crops: the level face datasets are commonly stored at."""
 
 MIN_CROP_SIZE = 16
+MAX_CROP_SIZE = 1024
+"""Crop sides allowed: below the minimum the landmarks are a few pixels apart; above the maximum
+a crop is larger than nearly every face it would be made from, and its sampling grid large."""
 
-FACES_PER_SAMPLE = 64
-"""Faces sampled by one ``grid_sample`` call: bounds its grid (FACES_PER_SAMPLE x size^2 x 2 floats)."""
+SAMPLE_PIXELS = 64 * 112 * 112
+"""Crop pixels sampled by one ``grid_sample`` call (64 faces at 112 px, at least one face): bounds
+its grid and output, SAMPLE_PIXELS x 2 and x 3 floats."""
 
 Image = np.ndarray | Tensor
 Landmarks = np.ndarray | Tensor | Detections
@@ -78,8 +81,8 @@ class AlignedFaces(NamedTuple):
 def arcface_template(size: int) -> np.ndarray:
     """The five template points (5, 2) float32 of a ``size`` x ``size`` crop: the 112 px ArcFace
     template scaled by ``size / 112`` (insightface's ``norm_crop`` for sizes that are multiples of 112)."""
-    if size < MIN_CROP_SIZE:
-        raise ValueError(f"crop size must be >= {MIN_CROP_SIZE} px, got {size}")
+    if not MIN_CROP_SIZE <= size <= MAX_CROP_SIZE:
+        raise ValueError(f"crop size must be in [{MIN_CROP_SIZE}, {MAX_CROP_SIZE}] px, got {size}")
     return ARCFACE_TEMPLATE_112 * np.float32(size / 112)
 
 
@@ -124,7 +127,7 @@ def warp_faces(images: Sequence[Tensor], image_index: Tensor, matrices: Tensor, 
     neighbour outside the image counting as black: what ``cv2.warpAffine`` with
     ``INTER_LINEAR`` and ``BORDER_CONSTANT`` 0 computes (OpenCV rounds coordinates to 1/32
     pixel, so values differ by a grey level here and there). Per image, up to
-    :data:`FACES_PER_SAMPLE` faces at a time, one ``affine_grid`` + ``grid_sample`` whose
+    :data:`SAMPLE_PIXELS` crop pixels at a time, one ``affine_grid`` + ``grid_sample`` whose
     grids are stacked into one tall grid over only the part of the image the faces reach, so
     that only that part is converted to float.
     """
@@ -147,7 +150,7 @@ def warp_faces(images: Sequence[Tensor], image_index: Tensor, matrices: Tensor, 
     index = image_index.cpu()
     for i in torch.unique(index[invertible]).tolist():
         height, width = images[i].shape[:2]
-        for faces in torch.nonzero((index == i) & invertible).squeeze(1).split(FACES_PER_SAMPLE):
+        for faces in torch.nonzero((index == i) & invertible).squeeze(1).split(max(1, SAMPLE_PIXELS // size**2)):
             x0, y0 = (max(int(v), 0) for v in low[faces].amin(dim=0).tolist())
             x1, y1 = (min(int(v), limit) for v, limit in zip(high[faces].amax(dim=0).tolist(), (width, height)))
             if x0 >= x1 or y0 >= y1:
@@ -262,7 +265,7 @@ def _landmarks_and_index(
 
 def _landmark_tensor(faces: Landmarks, image: int) -> Tensor:
     landmarks = faces.landmarks if isinstance(faces, Detections) else faces
-    tensor = landmarks if isinstance(landmarks, Tensor) else torch.as_tensor(np.asarray(landmarks, np.float32))
+    tensor = landmarks if isinstance(landmarks, Tensor) else torch.tensor(np.asarray(landmarks, np.float32))
     if tensor.ndim != 3 or tensor.shape[1:] != (5, 2):
         raise ValueError(f"image {image}: landmarks must have shape (F, 5, 2), got {tuple(tensor.shape)}")
     if not torch.isfinite(tensor).all():

@@ -85,7 +85,7 @@ def run(config: AnnotateConfig) -> dict:
     summary = summarise(run_id, plan, results, time.perf_counter() - start)
     plan.store.write_json(f"_runs/{run_id}/summary.json", summary)
     print(
-        f"annotate: {summary['images']} images, {summary['faces']} faces, {summary['errors']} errors "
+        f"annotate: {summary['images']} images, {summary['faces']} faces ({summary['crops']} cropped), {summary['errors']} errors "
         f"in {summary['seconds']:.1f} s = {summary['images_per_second']:.2f} images/s; "
         f"{summary['shards_processed']} shards done, {summary['shards_skipped_already_committed']} skipped "
         f"(already committed); {summary['forward_passes']} forward passes, batch fill {summary['batch_fill']:.2f}, "

@@ -3,7 +3,9 @@
 A shard is the unit of work and of commit: :class:`ShardAnnotator` turns one shard's URIs into
 one Parquet object (one row per image, faces nested, schema ``schemas.annotation``) and writes
 it with a single atomic put. Any attempt at a shard, first or retried, writes the same object
-name, so retries overwrite rather than duplicate.
+name, so retries overwrite rather than duplicate. With ``--crops``, the faces' aligned crops
+(:func:`jobs.annotate.crops.crop_rows`, called once per detect window) are written as the
+shard's crops object just before that put.
 
 Two ways to feed it (``--decode``):
 
@@ -37,8 +39,10 @@ from retinaface_core.batching import PLAN_WINDOW_BATCHES
 from retinaface_core.image_io import RETRYABLE_KINDS, FetchedImage, fetch_image
 from retinaface_core.quality import FaceQuality, face_quality
 from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, LANDMARK_NAMES, QUALITY_COLUMNS, SETTINGS_METADATA_KEY
+from schemas.crops import CROPS_SCHEMA
 
 from .._model import ModelIdentity, load_detector
+from .crops import crop_rows
 from .output import OutputStore, parquet_bytes, settings_fingerprint
 from .summary import shard_summary
 
@@ -193,6 +197,7 @@ class ShardAnnotator:
         faces: list[dict[str, np.ndarray] | None] = []
         detect_ms: list[float] = []
         quality_ms: list[float] = []
+        crops: list[pa.Table] = []
         batch: list[int] = []
         for item in decoded:
             index = len(images)
@@ -204,10 +209,10 @@ class ShardAnnotator:
             if item.image is not None:
                 batch.append(index)
             if len(batch) == window:
-                self._detect(batch, images, faces, detect_ms, quality_ms)
+                self._detect(batch, images, faces, detect_ms, quality_ms, crops)
                 batch = []
         if batch:
-            self._detect(batch, images, faces, detect_ms, quality_ms)
+            self._detect(batch, images, faces, detect_ms, quality_ms, crops)
         table = self._table(images, sizes, faces, detect_ms, quality_ms)
         table = table.replace_schema_metadata({SETTINGS_METADATA_KEY: self.settings_json})
         retryable = [item.uri for item in images if item.error_kind in RETRYABLE_KINDS]
@@ -215,8 +220,20 @@ class ShardAnnotator:
         if retryable:
             self.store.mark_retry(shard_id, retryable)
         data = parquet_bytes(table, compression="zstd")
+        crop_table = pa.concat_tables([CROPS_SCHEMA.empty_table(), *crops])
+        crop_table = crop_table.replace_schema_metadata({SETTINGS_METADATA_KEY: self.settings_json})
         try:
-            # A commit that fails is retried on its own: the rows are in memory, nothing is redone.
+            # The crops go first, so that a shard's annotations (its commit) never appear without
+            # them; crops without annotations are no part of the output (see docs/annotate.md).
+            # A write that fails is retried on its own: the rows are in memory, nothing is redone.
+            if self.config.crops:
+                crop_data = parquet_bytes(crop_table)
+                with_retries(
+                    lambda: self.store.write_crops(shard_id, self.fingerprint, crop_data),
+                    self.config.shard_attempts,
+                    self.config.retry_backoff,
+                    f"crops of shard {shard_id}",
+                )
             with_retries(
                 lambda: self.store.commit_shard(shard_id, self.fingerprint, data),
                 self.config.shard_attempts,
@@ -230,6 +247,7 @@ class ShardAnnotator:
         return {
             **shard_summary(shard_id, images, self.detector.stats - stats_before),
             "faces": int(sum(len(f["score"]) for f in faces if f is not None)),
+            "crops": crop_table.num_rows,
             "seconds": time.perf_counter() - start,
         }
 
@@ -240,17 +258,26 @@ class ShardAnnotator:
         faces: list,
         detect_ms: list[float],
         quality_ms: list[float],
+        crops: list[pa.Table],
     ) -> None:
-        """Detect on a window of decoded images, score their faces, then release their pixels."""
+        """Detect on a window of decoded images, score their faces, crop them (``--crops``), then
+        release their pixels."""
         start = time.perf_counter()
-        detections = self.detector.detect([images[i].image for i in batch], self.config.batch_size)
+        pixels = [images[i].image for i in batch]
+        detections = self.detector.detect(pixels, self.config.batch_size)
         share = (time.perf_counter() - start) * 1e3 / len(batch)
+        qualities = []
         for i, det in zip(batch, detections, strict=True):
             q_start = time.perf_counter()
             quality = face_quality(images[i].image, det.boxes, det.scores, det.landmarks)
+            qualities.append(quality)
             faces[i] = _face_columns(det.boxes, det.scores, det.landmarks, quality)
             quality_ms[i] = (time.perf_counter() - q_start) * 1e3
             detect_ms[i] = share
+        # The crop hook: the window's decoded images, detections and quality in, crops table rows out.
+        if self.config.crops:
+            crops.append(crop_rows(self.config, self.run_id, [images[i].uri for i in batch], pixels, detections, qualities))
+        for i in batch:
             images[i].image = None
 
     def _table(

@@ -11,31 +11,17 @@ object before its annotation object (see ``docs/annotate.md``, "Aligned face cro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 from torch import Tensor
 
-from retinaface_core.align import JPEG_QUALITY, align_faces, encode_crops
+from retinaface_core.align import align_faces, encode_crops
 from retinaface_core.postprocessing import Detections
 from retinaface_core.quality import FaceQuality
-from schemas.crops import CROPS_SCHEMA, CROPS_SCHEMA_VERSION
+from schemas.crops import CROPS_SCHEMA
 
-if TYPE_CHECKING:
-    from .annotate import AnnotateConfig
-
-
-def crop_settings(config: AnnotateConfig) -> dict[str, Any]:
-    """What the crops of an output are made with (part of its settings when ``--crops`` is on)."""
-    return {
-        "size": config.crops,
-        "format": config.crop_format,
-        "min_size": config.crop_min_size,
-        "min_quality": config.crop_min_quality,
-        "jpeg_quality": JPEG_QUALITY,
-        "schema_version": CROPS_SCHEMA_VERSION,
-    }
+from .config import AnnotateConfig
 
 
 def crop_rows(
@@ -68,7 +54,7 @@ def crop_rows(
         "run_id": pa.array([run_id] * count, pa.string()),
         "size": pa.array(np.full(count, config.crops, np.int32)),
         "format": pa.array([config.crop_format] * count, pa.string()),
-        "matrix": pa.FixedSizeListArray.from_arrays(pa.array(matrices.reshape(-1), pa.float32()), 6),
+        "matrix": pa.FixedSizeListArray.from_arrays(pa.array(matrices.reshape(-1), pa.float32()), type=CROPS_SCHEMA.field("matrix").type),
         "residual": pa.array(residuals, pa.float32()),
         "crop": pa.array(encode_crops(crops, config.crop_format), pa.binary()),
     }
