@@ -12,8 +12,9 @@ scikit-image's photos. Then, in one run, on the same images and settings:
 Both include model loading and write the same rows; the job's time excludes starting Ray.
 Prints images/s of both and their ratio. With ``--crops SIZE``, (b) runs again with ``--crops
 SIZE`` (aligned face crops written with the rows) right after the plain run, and the crops'
-cost is printed: images/s with and without, and bytes per face (encoded crop, and crops
-object). Then runs the job on ``--mem-small`` and
+cost is printed: images/s with and without, bytes per face (encoded crop, and crops object),
+and the share of the actors' time spent on crops (measured inside the job, so it holds on a
+loaded machine where the two runs' images/s do not compare). Then runs the job on ``--mem-small`` and
 ``--mem-small`` x 10 images, each on a fresh local Ray, sampling the summed RSS of all Ray
 processes (every process this one started: GCS, raylet, workers, actors) every 0.2 s, and
 prints both peaks and the growth.
@@ -198,12 +199,13 @@ def main() -> None:
         # how much the load changed while the job ran.
         loop_before, loop_n, loop_faces = bare_loop("bench/throughput", work / "loop.parquet", args.torch_threads)
         start_ray()
+        batching = {"batching": args.batching} if args.batching else {}
         job_start = time.perf_counter()
-        summary = run_job("bench/throughput", work / "job", **({"batching": args.batching} if args.batching else {}))
+        summary = run_job("bench/throughput", work / "job", **batching)
         job_s = time.perf_counter() - job_start
         if args.crops:
             crops_start = time.perf_counter()
-            crops_summary = run_job("bench/throughput", work / "crops", crops=args.crops, **({"batching": args.batching} if args.batching else {}))
+            crops_summary = run_job("bench/throughput", work / "crops", crops=args.crops, **batching)
             crops_s = time.perf_counter() - crops_start
         ray.shutdown()
         loop_after, _, _ = bare_loop("bench/throughput", work / "loop.parquet", args.torch_threads)
@@ -227,10 +229,13 @@ def main() -> None:
         print(f"job batches: fill {summary['batch_fill']:.3f}, padding {summary['padding_fraction']:.1%}; faces: job {summary['faces']}, loop {loop_faces}")
         if args.crops:
             encoded, stored, count = crop_bytes(work / "crops")
+            crop_s, worker_s = crops_summary["crop_seconds"], crops_summary["worker_seconds"]
             print(
                 f"job --crops {args.crops}: {loop_n / crops_s:7.2f} images/s ({crops_s:.1f} s; without crops {loop_n / job_s:.2f}, "
                 f"{crops_s / job_s - 1:+.1%} time); {count} crops of {crops_summary['faces']} faces, "
-                f"{encoded / max(count, 1):.0f} B per crop encoded, {stored / max(count, 1):.0f} B per crop in the crops objects"
+                f"{encoded / max(count, 1):.0f} B per crop encoded, {stored / max(count, 1):.0f} B per crop in the crops objects; "
+                f"the actors spent {crop_s:.1f} s of {worker_s:.1f} s on crops ({crop_s / worker_s:.1%}, "
+                f"{crop_s / max(count, 1) * 1e3:.2f} ms per crop)"
             )
         if peaks:
             small, big = peaks[args.mem_small], peaks[large]

@@ -65,16 +65,17 @@ def config(input: str, output: str, endpoint: str, **overrides) -> AnnotateConfi
     return from_values(AnnotateConfig, {**settings, **overrides})
 
 
-def read_rows(output: str) -> pd.DataFrame:
+def read_rows(output: str, table: str = "annotations") -> pd.DataFrame:
+    """Every row of ``table`` (annotations or crops) under ``output``, ``shard`` from the folder names."""
     fs, path = fsspec.core.url_to_fs(output)
     fs.invalidate_cache()
-    return pads.dataset(f"{path}/annotations", filesystem=fs, format="parquet", partitioning=partitioning()).to_table().to_pandas()
+    return pads.dataset(f"{path}/{table}", filesystem=fs, format="parquet", partitioning=partitioning()).to_table().to_pandas()
 
 
-def shard_objects(output: str) -> dict[str, bytes]:
+def shard_objects(output: str, table: str = "annotations") -> dict[str, bytes]:
     fs, path = fsspec.core.url_to_fs(output)
     fs.invalidate_cache()
-    return {p.split("/")[-2]: fs.cat_file(p) for p in fs.glob(f"{path}/annotations/shard=*/part-*.parquet")}
+    return {p.split("/")[-2]: fs.cat_file(p) for p in fs.glob(f"{path}/{table}/shard=*/part-*.parquet")}
 
 
 def test_storage_errors_are_retried_then_marked_then_redone(ray_session, proxy, make_bucket, photos, weights_dir):
@@ -283,21 +284,7 @@ def visible_crops(output: str) -> pd.DataFrame:
         [(r.shard, r.uri, r.run_id, face["face_index"]) for r in rows.itertuples() for face in r.faces],
         columns=["shard", "uri", "run_id", "face_index"],
     )
-    return all_crops(output).merge(keys, on=list(keys.columns))
-
-
-def all_crops(output: str) -> pd.DataFrame:
-    fs, path = fsspec.core.url_to_fs(output)
-    fs.invalidate_cache()
-    if not fs.exists(f"{path}/crops"):
-        return pd.DataFrame(columns=["shard", "uri", "run_id", "face_index"])
-    return pads.dataset(f"{path}/crops", filesystem=fs, format="parquet", partitioning=partitioning()).to_table().to_pandas()
-
-
-def crops_objects(output: str) -> dict[str, bytes]:
-    fs, path = fsspec.core.url_to_fs(output)
-    fs.invalidate_cache()
-    return {p.split("/")[-2]: fs.cat_file(p) for p in fs.glob(f"{path}/crops/shard=*/part-*.parquet")}
+    return read_rows(output, "crops").merge(keys, on=list(keys.columns))
 
 
 def test_crops_and_rows_of_a_shard_appear_together_or_not_at_all(ray_session, proxy, make_bucket, photos, weights_dir):
@@ -321,7 +308,7 @@ def test_crops_and_rows_of_a_shard_appear_together_or_not_at_all(ray_session, pr
     rows = read_rows(output)
     assert flaky.failed == 5 and flaky.matched == 6
     assert set(rows["shard"]) == {redone.id} and set(rows["status"]) == {"ok", "error"}
-    assert set(crops_objects(output)) == {f"shard={dead.id}", f"shard={redone.id}"}, "the dead attempt's crops are there"
+    assert set(shard_objects(output, "crops")) == {f"shard={dead.id}", f"shard={redone.id}"}, "the dead attempt's crops are there"
     seen = visible_crops(output)
     assert set(seen["uri"]) == {redone.uris[1]} and len(seen) == rows["num_faces"].sum() == 1, "only the committed shard's crops"
 
@@ -331,14 +318,15 @@ def test_crops_and_rows_of_a_shard_appear_together_or_not_at_all(ray_session, pr
     assert second["shards_redone_for_storage_errors"] == 1 and second["shards_processed"] == 2
     rows = read_rows(output)
     assert sorted(rows["uri"]) == uris and (rows["status"] == "ok").all()
-    assert set(crops_objects(output)) == {f"shard={s}" for s in rows["shard"]}, "the orphan is gone, each committed shard has its crops"
-    every, seen = all_crops(output), visible_crops(output)
+    committed = {f"shard={s}" for s in rows["shard"]}
+    assert set(shard_objects(output, "crops")) == committed, "the orphan is gone, each committed shard has its crops"
+    every, seen = read_rows(output, "crops"), visible_crops(output)
     assert len(every) == len(seen) == second["crops"] >= 3, "no crop outside the committed rows"
     assert not every.duplicated(["uri", "face_index"]).any(), "no face cropped twice"
     faces = pd.DataFrame([face for r in rows.itertuples() for face in r.faces])
     assert len(seen) == (faces["face_size"] >= 32).sum(), "every face of the default --crop-min-size has its crop"
     assert set(seen.loc[seen["shard"] == redone.id, "run_id"]) == {second["run_id"]}
 
-    before = crops_objects(output)
+    before = shard_objects(output, "crops")
     third = run(config(f"s3://{bucket}/", output, proxy.endpoint, crops=112, images_per_shard=4))
-    assert third["shards_processed"] == 0 and crops_objects(output) == before
+    assert third["shards_processed"] == 0 and shard_objects(output, "crops") == before

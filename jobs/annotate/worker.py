@@ -198,6 +198,7 @@ class ShardAnnotator:
         detect_ms: list[float] = []
         quality_ms: list[float] = []
         crops: list[pa.Table] = []
+        crop_seconds = 0.0
         batch: list[int] = []
         for item in decoded:
             index = len(images)
@@ -209,10 +210,10 @@ class ShardAnnotator:
             if item.image is not None:
                 batch.append(index)
             if len(batch) == window:
-                self._detect(batch, images, faces, detect_ms, quality_ms, crops)
+                crop_seconds += self._detect(batch, images, faces, detect_ms, quality_ms, crops)
                 batch = []
         if batch:
-            self._detect(batch, images, faces, detect_ms, quality_ms, crops)
+            crop_seconds += self._detect(batch, images, faces, detect_ms, quality_ms, crops)
         table = self._table(images, sizes, faces, detect_ms, quality_ms)
         table = table.replace_schema_metadata({SETTINGS_METADATA_KEY: self.settings_json})
         retryable = [item.uri for item in images if item.error_kind in RETRYABLE_KINDS]
@@ -248,6 +249,7 @@ class ShardAnnotator:
             **shard_summary(shard_id, images, self.detector.stats - stats_before),
             "faces": int(sum(len(f["score"]) for f in faces if f is not None)),
             "crops": crop_table.num_rows,
+            "crop_seconds": crop_seconds,
             "seconds": time.perf_counter() - start,
         }
 
@@ -259,9 +261,9 @@ class ShardAnnotator:
         detect_ms: list[float],
         quality_ms: list[float],
         crops: list[pa.Table],
-    ) -> None:
+    ) -> float:
         """Detect on a window of decoded images, score their faces, crop them (``--crops``), then
-        release their pixels."""
+        release their pixels; returns the seconds the crops took."""
         start = time.perf_counter()
         pixels = [images[i].image for i in batch]
         detections = self.detector.detect(pixels, self.config.batch_size)
@@ -275,10 +277,12 @@ class ShardAnnotator:
             quality_ms[i] = (time.perf_counter() - q_start) * 1e3
             detect_ms[i] = share
         # The crop hook: the window's decoded images, detections and quality in, crops table rows out.
+        crop_start = time.perf_counter()
         if self.config.crops:
             crops.append(crop_rows(self.config, self.run_id, [images[i].uri for i in batch], pixels, detections, qualities))
         for i in batch:
             images[i].image = None
+        return time.perf_counter() - crop_start
 
     def _table(
         self,
