@@ -3,9 +3,8 @@
     python -m jobs.annotate.report OUTPUT [--faces 60] [--pick spread] [--out contact_sheet.png] [--s3-...]
 
 One PNG: a grid of face tiles, best quality first, each with its quality score under it
-(marked ``(box)`` when cut by box), then
-a histogram of the quality scores of every face in the output, the shown ones marked. Faces
-come from the committed shards only. A face's tile is its aligned crop from the crops table
+(marked ``(box)`` when cut by box), then a histogram of the quality scores of every face in the
+output, the shown ones marked. Faces come from the committed shards only. A face's tile is its aligned crop from the crops table
 (``--crops``) when it has one, else a square around its box cut from its source image.
 ``--pick spread`` (default) shows faces evenly spread over the quality ranking, so the sheet
 shows what each score looks like; ``top`` and ``bottom`` the best and the worst.
@@ -28,7 +27,7 @@ from retinaface_core.image_io import ImageDecodeError, read_image
 from retinaface_core.storage import StorageOptions, redact, write_file
 
 from .._config import parse_config
-from .._exit import JobError
+from .._exit import ExitCode, JobError
 from .output import OutputListing, OutputStore, arrow_filesystem
 
 TILE = 112
@@ -233,9 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = write_report(config)
     except JobError as exc:
         print(f"report: error: {redact(str(exc))}", file=sys.stderr, flush=True)
-        return 2
+        return ExitCode.FAILED
     print(f"report: {report.shown} of {report.faces} faces ({report.from_crops} from crops) drawn to {report.path}", flush=True)
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":
