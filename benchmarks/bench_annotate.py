@@ -10,12 +10,17 @@ scikit-image's photos. Then, in one run, on the same images and settings:
     machine one single-threaded detector actor per core, each decoding on its own threads.
 
 Both include model loading and write the same rows; the job's time excludes starting Ray.
-Prints images/s of both and their ratio. Then runs the job on ``--mem-small`` and
+Prints images/s of both and their ratio. With ``--crops SIZE``, (b) runs again with ``--crops
+SIZE`` (aligned face crops written with the rows) right after the plain run, and the crops'
+cost is printed: images/s with and without, bytes per face (encoded crop, and crops object),
+and the share of the actors' time spent on crops (measured inside the job, so it holds on a
+loaded machine where the two runs' images/s do not compare). Then runs the job on ``--mem-small`` and
 ``--mem-small`` x 10 images, each on a fresh local Ray, sampling the summed RSS of all Ray
 processes (every process this one started: GCS, raylet, workers, actors) every 0.2 s, and
 prints both peaks and the growth.
 
     python -m benchmarks.bench_annotate --images 1000 --mem-small 200
+    python -m benchmarks.bench_annotate --images 300 --mem-small 0 --crops 112
 """
 
 from __future__ import annotations
@@ -87,6 +92,17 @@ def bare_loop(prefix: str, output: Path, torch_threads: int) -> tuple[float, int
     return time.perf_counter() - start, len(uris), sum(r["num_faces"] for r in rows)
 
 
+def crop_bytes(output: Path) -> tuple[int, int, int]:
+    """(encoded crop bytes, crops object bytes, crops) of an output's crops table."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    files = sorted(output.glob("crops/*/*.parquet"))
+    column = [pq.read_table(f, columns=["crop"]).column("crop") for f in files]
+    encoded = sum(int(pc.sum(pc.binary_length(c)).as_py() or 0) for c in column)
+    return encoded, sum(f.stat().st_size for f in files), sum(len(c) for c in column)
+
+
 class RaySampler:
     """Peak of the summed RSS of this process's descendants but ``exclude`` (the Ray processes)."""
 
@@ -150,6 +166,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--mem-small", type=int, default=200, help="images of the small memory run; the large one has 10x; 0 skips the memory runs")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the bare loop")
+    parser.add_argument("--crops", type=int, default=0, help="also run the job with --crops SIZE and print the crops' cost")
     parser.add_argument("--batching", default=None, help="the job's --batching (default: the job's own default)")
     parser.add_argument("--shared", type=Path, default=Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared")))
     args = parser.parse_args()
@@ -182,9 +199,14 @@ def main() -> None:
         # how much the load changed while the job ran.
         loop_before, loop_n, loop_faces = bare_loop("bench/throughput", work / "loop.parquet", args.torch_threads)
         start_ray()
+        batching = {"batching": args.batching} if args.batching else {}
         job_start = time.perf_counter()
-        summary = run_job("bench/throughput", work / "job", **({"batching": args.batching} if args.batching else {}))
+        summary = run_job("bench/throughput", work / "job", **batching)
         job_s = time.perf_counter() - job_start
+        if args.crops:
+            crops_start = time.perf_counter()
+            crops_summary = run_job("bench/throughput", work / "crops", crops=args.crops, **batching)
+            crops_s = time.perf_counter() - crops_start
         ray.shutdown()
         loop_after, _, _ = bare_loop("bench/throughput", work / "loop.parquet", args.torch_threads)
         loop_s = (loop_before + loop_after) / 2
@@ -205,6 +227,16 @@ def main() -> None:
         print(f"job       : {loop_n / job_s:7.2f} images/s ({job_s:.1f} s; the job's own summary: {summary['images_per_second']:.2f})")
         print(f"ratio     : {loop_s / job_s:.2f}x")
         print(f"job batches: fill {summary['batch_fill']:.3f}, padding {summary['padding_fraction']:.1%}; faces: job {summary['faces']}, loop {loop_faces}")
+        if args.crops:
+            encoded, stored, count = crop_bytes(work / "crops")
+            crop_s, worker_s = crops_summary["crop_seconds"], crops_summary["worker_seconds"]
+            print(
+                f"job --crops {args.crops}: {loop_n / crops_s:7.2f} images/s ({crops_s:.1f} s; without crops {loop_n / job_s:.2f}, "
+                f"{crops_s / job_s - 1:+.1%} time); {count} crops of {crops_summary['faces']} faces, "
+                f"{encoded / max(count, 1):.0f} B per crop encoded, {stored / max(count, 1):.0f} B per crop in the crops objects; "
+                f"the actors spent {crop_s:.1f} s of {worker_s:.1f} s on crops ({crop_s / worker_s:.1%}, "
+                f"{crop_s / max(count, 1) * 1e3:.2f} ms per crop)"
+            )
         if peaks:
             small, big = peaks[args.mem_small], peaks[large]
             print(f"peak RSS of Ray processes: {args.mem_small} images {small / 2**20:.0f} MiB, {large} images {big / 2**20:.0f} MiB, growth {100 * (big / small - 1):+.1f} %")

@@ -8,7 +8,8 @@ their own, named with the prefix given in ``metadata={"flatten": PREFIX}``
 (``StorageOptions.endpoint_url`` with prefix ``s3_`` is ``--s3-endpoint-url``); each job chooses
 its defaults through the field's ``default_factory``. ``--config file.yaml`` supplies values
 first (flat flag names, or a mapping per embedded field) and flags given explicitly override
-them. Booleans are ``--flag/--no-flag``. A field without a default is required (from either
+them. Booleans are ``--flag/--no-flag``. A field with ``metadata={"positional": True}`` is
+given without a flag (``NAME``, optional on the command line so that YAML can supply it). A field without a default is required (from either
 source). ``Optional`` fields accept ``none`` on the command line.
 
 Flat flags rather than dotted ones (``--detector.scale``): they are what the manifests in
@@ -37,7 +38,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from retinaface_core.flags import add_flags, flag_names, from_values, setting_flags
+from retinaface_core.flags import add_flags, flag_names, from_values, setting_flags, spelling
 from retinaface_core.storage import redact
 
 __all__ = ["add_flags", "build_parser", "config_dict", "flag_names", "format_config", "from_values", "parse_config"]
@@ -86,8 +87,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     config_file = args.pop("config", None)
     values = _yaml_values(cls, config_file, parser) if config_file is not None else {}
     values.update(args)
-    required = (flag.name for flag in setting_flags(cls) if flag.default is dataclasses.MISSING)
-    missing = ["--" + name.replace("_", "-") for name in required if name not in values]
+    missing = [spelling(flag) for flag in setting_flags(cls) if flag.default is dataclasses.MISSING and flag.name not in values]
     if missing:
         parser.error(f"missing required settings: {', '.join(missing)}")
     try:

@@ -4,8 +4,10 @@
    ship inside scikit-image, variants of them (crops, rescales, an EXIF-rotated copy, grey,
    16-bit and alpha versions), broken files (zero bytes, a truncated JPEG, text named .jpg,
    random bytes, a 110-megapixel PNG bomb) and, where ``../shared`` exists, its real photos;
-2. runs ``jobs.annotate`` on a local Ray over that bucket, writing Parquet to ``demo_output/``;
-3. prints a duckdb summary of the result.
+2. runs ``jobs.annotate`` on a local Ray over that bucket, writing Parquet to ``demo_output/``,
+   with the faces' aligned 112 x 112 crops (``--crops 112``);
+3. prints a duckdb summary of the result;
+4. draws a contact sheet of the faces by quality (``jobs.annotate.report``) and prints its path.
 
 The checkpoint is found as usual (``$RETINAFACE_WEIGHTS_DIR``, the cache, or its upstream URL);
 ``../shared/weights`` is used when present. Needs the ``demo`` extra (moto, scikit-image,
@@ -89,14 +91,19 @@ def main() -> ExitCode:
 
         from ._config import from_values
         from .annotate import AnnotateConfig, run
+        from .annotate.report import ReportConfig, write_report
 
         # Started after the S3 variables are exported: workers inherit this environment.
         ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
-        # The job's defaults but for small shards and batches, as flags would give them.
-        settings = {"input": f"s3://{BUCKET}/", "output": str(args.output), "images_per_shard": 8, "batch_size": 4, "overwrite": True}
+        # The job's defaults but for small shards and batches, and with crops, as flags would give them.
+        settings = {
+            "input": f"s3://{BUCKET}/", "output": str(args.output), "images_per_shard": 8, "batch_size": 4, "overwrite": True, "crops": 112,
+        }  # fmt: skip
         run(from_values(AnnotateConfig, settings))
         ray.shutdown()
         print_summary(args.output)
+        report = write_report(ReportConfig(output=str(args.output), out=str(args.output / "contact_sheet.png")))
+        print(f"\ndemo: contact sheet of {report.shown} of {report.faces} faces by quality: {report.path}", flush=True)
     return ExitCode.OK
 
 

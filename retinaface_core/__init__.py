@@ -1,8 +1,9 @@
-"""RetinaFace core: model, anchors, box coding, pre/post-processing, weights, loss, evaluation.
+"""RetinaFace core: model, anchors, box coding, pre/post-processing, weights, loss, evaluation, face alignment.
 
 Pure PyTorch, numpy and OpenCV; nothing here imports Ray.
 """
 
+from .align import AlignedFaces, align_faces
 from .config import CONFIGS, RetinaFaceConfig, get_config
 from .detector import Detector, DetectorSettings
 from .model import RetinaFace, RetinaFaceOutput
@@ -13,6 +14,7 @@ from .tta import TTA
 from .weights import PRETRAINED, CheckpointError, load_weights
 
 __all__ = [
+    "AlignedFaces",
     "CONFIGS",
     "PRETRAINED",
     "CheckpointError",
@@ -26,6 +28,7 @@ __all__ = [
     "RetinaFaceOutput",
     "StorageOptions",
     "TTA",
+    "align_faces",
     "get_config",
     "load_weights",
 ]

@@ -108,7 +108,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         elif "(default:" not in help_text:
             help_text += f" (default: {flag.default})"
         option = "--" + flag.name.replace("_", "-")
-        if type_ is bool:
+        if flag.field.metadata.get("positional"):
+            parser.add_argument(
+                flag.name, nargs="?", type=_parser_for(type_, optional), default=argparse.SUPPRESS, metavar=flag.name.upper(), help=help_text
+            )
+        elif type_ is bool:
             parser.add_argument(option, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(
@@ -118,6 +122,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                 choices=flag.field.metadata.get("choices"),
                 help=help_text,
             )
+
+
+def spelling(flag: Any) -> str:
+    """How a setting is written on the command line: ``NAME`` (positional) or ``--flag-name``."""
+    return flag.name.upper() if flag.field.metadata.get("positional") else "--" + flag.name.replace("_", "-")
 
 
 def flag_names(cls: type) -> set[str]:

@@ -11,6 +11,7 @@ The multi-node test runs ``tests/_cluster_job.py`` in a subprocess, because a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import duckdb
 import fsspec
 import numpy as np
@@ -35,12 +37,15 @@ from jobs._inputs import list_input
 from jobs.annotate.shards import make_shards
 from jobs._config import from_values
 from jobs.annotate import AnnotateConfig, run
-from retinaface_core import Detector
+from jobs.annotate.report import BACKGROUND, TILE, box_tile, tile_origins
+from jobs.annotate.report import main as report_main
+from retinaface_core import Detector, align_faces
 from retinaface_core.image_io import read_image
 from retinaface_core.registry import ModelRegistry
 from retinaface_core.training import model_checkpoint_bytes
 from retinaface_core.weights import load_weights
-from schemas.annotation import ANNOTATION_SCHEMA, SCHEMA_VERSION, partitioning
+from schemas.annotation import ANNOTATION_SCHEMA, LANDMARK_NAMES, SCHEMA_VERSION, SETTINGS_METADATA_KEY, partitioning
+from schemas.crops import CROPS_SCHEMA
 
 SCALE = "long:640"
 MAX_PIXELS = 3_000_000  # every real photo is below 1.5 MP; the bomb is 3.2 MP
@@ -511,3 +516,131 @@ def test_tta_is_recorded_and_not_mixed(ray_session, bucket_input, tmp_path):
     assert json.loads((tmp_path / "out" / "_dataset.json").read_text())["tta"] == "flip+pyramid:long:640,long:320"
     with pytest.raises(JobError, match="other settings.*tta"):
         run(job_config(str(manifest), output))
+
+
+# --- Aligned face crops (--crops), their queries and the contact sheet -------------------------
+
+CROP_MIN_QUALITY = 0.2
+
+DUCKDB_CROPS_VIEW = """
+CREATE VIEW crops AS
+  SELECT * FROM read_parquet('{root}/crops/*/*.parquet', hive_partitioning = true)
+  SEMI JOIN faces USING (shard, uri, run_id, face_index);
+"""
+
+DUCKDB_CROPS_QUERY = (
+    "SELECT uri, face_index, quality, residual, crop FROM crops JOIN faces USING (shard, uri, run_id, face_index) "
+    "WHERE quality > 0.5 ORDER BY quality DESC"
+)
+
+
+def pandas_crops(root: str) -> pd.DataFrame:
+    """The committed crops with pandas (the code shown in docs/annotate.md)."""
+    images = pd.read_parquet(f"{root}/annotations", partitioning=partitioning())
+    nested = images[["shard", "uri", "run_id", "faces"]].explode("faces").dropna(subset=["faces"])
+    faces = pd.concat([nested[["shard", "uri", "run_id"]].reset_index(drop=True), pd.DataFrame(nested["faces"].tolist())], axis=1)
+    keys = ["shard", "uri", "run_id", "face_index"]
+    crops = pd.read_parquet(f"{root}/crops", partitioning=partitioning()).merge(faces[keys], on=keys)
+    return crops
+
+
+@pytest.fixture(scope="module")
+def cropped(ray_session, bucket_input, tmp_path_factory):
+    """The real photos, the EXIF-rotated astronaut and an empty object, with --crops 112 as PNG."""
+    _, _, expected = bucket_input
+    subset = sorted(u for u in expected if "/in/shared/" in u or "astronaut_exif6" in u or "broken/empty" in u)
+    folder = tmp_path_factory.mktemp("cropped")
+    manifest = folder / "subset.txt"
+    manifest.write_text("\n".join(subset))
+    config = job_config(str(manifest), str(folder / "out"), crops=112, crop_format="png", crop_min_quality=CROP_MIN_QUALITY)
+    return config, run(config), str(folder / "out")
+
+
+def test_crops_are_the_aligned_faces_written_with_their_shard(cropped):
+    config, summary, root = cropped
+    con = duckdb.connect()
+    con.execute(DUCKDB_VIEWS.format(root=root))
+    con.execute(DUCKDB_CROPS_VIEW.format(root=root))
+    faces = con.sql("SELECT * FROM faces").df()
+    crops = con.sql("SELECT * FROM crops ORDER BY uri, face_index").df()
+    wanted = faces[(faces.face_size >= config.crop_min_size) & (faces.quality >= CROP_MIN_QUALITY)]
+    assert summary["crops"] == len(crops) == len(wanted) > 50 and len(wanted) < len(faces)
+    keys = ["shard", "uri", "run_id", "face_index"]
+    assert sorted(map(tuple, crops[keys].to_numpy().tolist())) == sorted(map(tuple, wanted[keys].to_numpy().tolist()))
+    physical = pd.read_parquet(f"{root}/crops", partitioning=partitioning())
+    assert len(physical) == len(crops), "no crop outside the committed rows"
+    assert set(crops["size"]) == {112} and set(crops["format"]) == {"png"}
+    shards = {p.parent.name for p in Path(root).glob("annotations/shard=*/part-*.parquet")}
+    assert {p.parent.name for p in Path(root).glob("crops/shard=*/part-*.parquet")} == shards, "one crops object per committed shard"
+    stored = pq.read_schema(next(Path(root).glob("crops/*/*.parquet")))
+    assert stored.remove_metadata().equals(CROPS_SCHEMA)
+    assert json.loads(stored.metadata[SETTINGS_METADATA_KEY])["crops"]["size"] == 112
+    # Each crop is align_faces of its decoded image with the face's landmarks from the rows.
+    landmark_columns = [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in "xy"]
+    by_face = wanted.set_index(["uri", "face_index"])
+    for uri, group in crops.groupby("uri"):
+        landmarks = by_face.loc[[(uri, i) for i in group["face_index"]], landmark_columns].to_numpy(np.float32).reshape(-1, 5, 2)
+        expected = align_faces(read_image(uri), landmarks, 112)
+        decoded = np.stack([cv2.imdecode(np.frombuffer(c, np.uint8), cv2.IMREAD_COLOR) for c in group["crop"]])
+        np.testing.assert_array_equal(decoded, expected.crops, err_msg=uri)
+        np.testing.assert_allclose(np.stack(group["matrix"]).reshape(-1, 2, 3), expected.matrices, rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(group["residual"], expected.residuals, atol=1e-5)
+    rotated = crops[crops["uri"].str.endswith("astronaut_exif6.jpg")]
+    assert len(rotated) == 1, "the EXIF-rotated astronaut is cropped upright, as displayed"
+
+
+def test_crops_queries_in_duckdb_and_pandas_agree_and_are_documented(cropped, repo_root):
+    _, summary, root = cropped
+    con = duckdb.connect()
+    con.execute(DUCKDB_VIEWS.format(root=root))
+    con.execute(DUCKDB_CROPS_VIEW.format(root=root))
+    good = con.sql(DUCKDB_CROPS_QUERY).df()
+    assert 0 < len(good) < summary["crops"] and good["quality"].is_monotonic_decreasing
+    crops = pandas_crops(root)
+    assert len(crops) == summary["crops"]
+    merged = crops.set_index(["uri", "face_index"]).loc[list(zip(good["uri"], good["face_index"]))]
+    assert list(merged["crop"]) == list(good["crop"])
+    docs = re.sub(r"\s+", " ", (repo_root / "docs/annotate.md").read_text())
+    merge = 'crops = pd.read_parquet(f"{root}/crops", partitioning=partitioning()).merge(faces[keys], on=keys)'
+    for text in (DUCKDB_CROPS_VIEW.strip(), DUCKDB_CROPS_QUERY, merge):
+        assert re.sub(r"\s+", " ", text) in docs, text
+
+
+def test_crops_rerun_writes_nothing_and_other_crop_settings_are_refused(cropped):
+    config, summary, root = cropped
+    before = {p: p.read_bytes() for p in Path(root).glob("crops/*/*.parquet")}
+    again = run(config)
+    assert again["shards_processed"] == 0 and again["crops"] == 0
+    assert {p: p.read_bytes() for p in Path(root).glob("crops/*/*.parquet")} == before
+    with pytest.raises(JobError, match="other settings.*crops"):
+        run(dataclasses.replace(config, crop_min_size=64.0))
+    with pytest.raises(JobError, match="other settings.*crops"):
+        run(dataclasses.replace(config, crops=0))
+    with pytest.raises(JobError, match="--crops must be 0"):
+        run(dataclasses.replace(config, crops=8))
+    with pytest.raises(JobError, match="--crop-min-quality in"):
+        run(dataclasses.replace(config, crop_min_quality=1.5))
+
+
+def test_contact_sheet_shows_the_faces_by_quality(cropped, tmp_path, capsys):
+    _, summary, root = cropped
+    out = tmp_path / "sheet.png"
+    assert report_main([root, "--faces", "23", "--out", str(out)]) == 0
+    assert f"23 of {summary['faces']} faces" in capsys.readouterr().out
+    sheet = cv2.imread(str(out), cv2.IMREAD_COLOR)
+    assert sheet is not None and sheet.dtype == np.uint8
+    origins = tile_origins(30)
+    filled = [not (sheet[y : y + TILE, x : x + TILE] == BACKGROUND).all() for x, y in origins if y + TILE <= sheet.shape[0]]
+    assert filled[:23] == [True] * 23 and not any(filled[23:]), "23 face tiles, then nothing"
+    # The best face comes first, as its aligned crop; the spread ends with the output's worst face.
+    con = duckdb.connect()
+    con.execute(DUCKDB_VIEWS.format(root=root))
+    con.execute(DUCKDB_CROPS_VIEW.format(root=root))
+    best = con.sql("SELECT crop FROM crops JOIN faces USING (shard, uri, run_id, face_index) ORDER BY quality DESC LIMIT 1").fetchall()[0][0]
+    x, y = origins[0]
+    np.testing.assert_array_equal(sheet[y : y + TILE, x : x + TILE], cv2.imdecode(np.frombuffer(best, np.uint8), cv2.IMREAD_COLOR))
+    worst = con.sql("SELECT uri, x1, y1, x2, y2 FROM faces ORDER BY quality ASC LIMIT 1").fetchall()[0]
+    x, y = origins[22]
+    np.testing.assert_array_equal(sheet[y : y + TILE, x : x + TILE], box_tile(read_image(worst[0]), worst[1:]))
+    assert report_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no committed shard" in capsys.readouterr().err

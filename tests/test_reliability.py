@@ -29,7 +29,7 @@ from jobs.annotate.worker import decode_ahead
 from jobs._config import from_values
 from jobs._samples import generated_images
 from jobs._exit import ExitCode, JobError
-from jobs.annotate import AnnotateConfig, main, run
+from jobs.annotate import AnnotateConfig, ShardsFailed, main, run
 from jobs.annotate.shards import make_shards
 from retinaface_core.image_io import fetch_image
 from retinaface_core.storage import filesystem
@@ -64,16 +64,17 @@ def config(input: str, output: str, endpoint: str, **overrides) -> AnnotateConfi
     return from_values(AnnotateConfig, {**settings, **overrides})
 
 
-def read_rows(output: str) -> pd.DataFrame:
+def read_rows(output: str, table: str = "annotations") -> pd.DataFrame:
+    """Every row of ``table`` (annotations or crops) under ``output``, ``shard`` from the folder names."""
     fs, path = fsspec.core.url_to_fs(output)
     fs.invalidate_cache()
-    return pads.dataset(f"{path}/annotations", filesystem=fs, format="parquet", partitioning=partitioning()).to_table().to_pandas()
+    return pads.dataset(f"{path}/{table}", filesystem=fs, format="parquet", partitioning=partitioning()).to_table().to_pandas()
 
 
-def shard_objects(output: str) -> dict[str, bytes]:
+def shard_objects(output: str, table: str = "annotations") -> dict[str, bytes]:
     fs, path = fsspec.core.url_to_fs(output)
     fs.invalidate_cache()
-    return {p.split("/")[-2]: fs.cat_file(p) for p in fs.glob(f"{path}/annotations/shard=*/part-*.parquet")}
+    return {p.split("/")[-2]: fs.cat_file(p) for p in fs.glob(f"{path}/{table}/shard=*/part-*.parquet")}
 
 
 def test_storage_errors_are_retried_then_marked_then_redone(ray_session, proxy, make_bucket, photos, weights_dir):
@@ -272,3 +273,59 @@ def test_secrets_in_urls_are_never_printed_or_stored(ray_session, make_bucket, p
     for secret in (secret_endpoint, secret_weights):
         assert secret not in printed.out and secret not in printed.err
         assert not any(secret.encode() in data for data in stored)
+
+
+def visible_crops(output: str) -> pd.DataFrame:
+    """The crops a reader sees: those whose face is in the committed rows (shard, uri, run_id,
+    face_index), as docs/annotate.md joins them."""
+    rows = read_rows(output)
+    keys = pd.DataFrame(
+        [(r.shard, r.uri, r.run_id, face["face_index"]) for r in rows.itertuples() for face in r.faces],
+        columns=["shard", "uri", "run_id", "face_index"],
+    )
+    return read_rows(output, "crops").merge(keys, on=list(keys.columns))
+
+
+def test_crops_and_rows_of_a_shard_appear_together_or_not_at_all(ray_session, proxy, make_bucket, photos, weights_dir):
+    bucket = make_bucket("crops")
+    upload(bucket, photos)
+    uris = sorted(f"s3://{bucket}/{n}" for n in photos)
+    dead, refused, redone = make_shards(uris, 2)  # astronaut + camera, chelsea + coffee, the two astronaut variants
+    # Keys as the S3 client sends them ("=" percent-encoded).
+    annotations, crops = "annotations/shard%3D", "crops/shard%3D"
+    # An attempt that dies between the two writes: its crops are written, its commit never is.
+    proxy.add(Rule("PUT", f"{annotations}{dead.id}/part-"))
+    # Crops the store never takes: the shard's rows must not be committed without them.
+    proxy.add(Rule("PUT", f"{crops}{refused.id}/part-"))
+    # Crops written at the job's second try (the client's 5 attempts fail once), and an image the
+    # store fails to serve: the shard commits, marked to be redone.
+    flaky = proxy.add(Rule("PUT", f"{crops}{redone.id}/part-", times=5))
+    proxy.add(Rule("GET", redone.uris[0].split("/", 3)[3]))
+    output = f"s3://{bucket}/out"
+    with pytest.raises(ShardsFailed, match="2 of 3 shards"):
+        run(config(f"s3://{bucket}/", output, proxy.endpoint, crops=112, read_attempts=1, run_id="faulty"))
+    rows = read_rows(output)
+    assert flaky.failed == 5 and flaky.matched == 6
+    assert set(rows["shard"]) == {redone.id} and set(rows["status"]) == {"ok", "error"}
+    assert set(shard_objects(output, "crops")) == {f"shard={dead.id}", f"shard={redone.id}"}, "the dead attempt's crops are there"
+    seen = visible_crops(output)
+    assert set(seen["uri"]) == {redone.uris[1]} and len(seen) == rows["num_faces"].sum() == 1, "only the committed shard's crops"
+
+    proxy.clear()
+    # Cut otherwise this time (4 images a shard): the dead attempt's shard never comes back to overwrite its crops.
+    second = run(config(f"s3://{bucket}/", output, proxy.endpoint, crops=112, images_per_shard=4))
+    assert second["shards_redone_for_storage_errors"] == 1 and second["shards_processed"] == 2
+    rows = read_rows(output)
+    assert sorted(rows["uri"]) == uris and (rows["status"] == "ok").all()
+    committed = {f"shard={s}" for s in rows["shard"]}
+    assert set(shard_objects(output, "crops")) == committed, "the orphan is gone, each committed shard has its crops"
+    every, seen = read_rows(output, "crops"), visible_crops(output)
+    assert len(every) == len(seen) == second["crops"] >= 3, "no crop outside the committed rows"
+    assert not every.duplicated(["uri", "face_index"]).any(), "no face cropped twice"
+    faces = pd.DataFrame([face for r in rows.itertuples() for face in r.faces])
+    assert len(seen) == (faces["face_size"] >= 32).sum(), "every face of the default --crop-min-size has its crop"
+    assert set(seen.loc[seen["shard"] == redone.id, "run_id"]) == {second["run_id"]}
+
+    before = shard_objects(output, "crops")
+    third = run(config(f"s3://{bucket}/", output, proxy.endpoint, crops=112, images_per_shard=4))
+    assert third["shards_processed"] == 0 and shard_objects(output, "crops") == before

@@ -23,9 +23,11 @@ One module per concept, each importing only those above it:
 - :mod:`.inventory`: the input from an inventory, planned in Ray Data;
 - :mod:`.plan`: every job-level check, then what a run does (:class:`Plan`);
 - :mod:`.summary`: the shard and run summaries;
+- :mod:`.crops`: the faces' aligned crops (``--crops``), the worker's crop hook;
 - :mod:`.worker`: what runs on the Ray workers (:class:`ShardAnnotator`);
 - :mod:`.job`: :func:`run`, the plan streamed through the actor pool;
-- :mod:`.cli`: :func:`main`, the command line and its exit status.
+- :mod:`.cli`: :func:`main`, the command line and its exit status;
+- :mod:`.report`: ``python -m jobs.annotate.report``, a contact sheet of an output.
 
 The job's input listing (:mod:`jobs._inputs`), model identity (:mod:`jobs._model`) and exit
 statuses (:mod:`jobs._exit`) are shared with the other jobs.

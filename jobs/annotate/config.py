@@ -6,9 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from retinaface_core import DetectorSettings, StorageOptions
+from retinaface_core.align import CROP_FORMATS, JPEG_QUALITY
 from retinaface_core.batching import PLAN_WINDOW_BATCHES
 from retinaface_core.flags import ANNOTATION_DEFAULTS
 from retinaface_core.image_io import DEFAULT_MAX_PIXELS
+from schemas.crops import CROPS_SCHEMA_VERSION
 
 
 @dataclass
@@ -99,6 +101,23 @@ class AnnotateConfig:
     torch_threads: int | None = field(
         default=None, metadata={"help": "torch intra-op threads per actor (default: --num-cpus-per-actor, at least 1)"}
     )
+    crops: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "side (px) of the faces aligned to the ArcFace 5-point template (e.g. 112) written with each shard "
+                "to the crops table; 0: no crops"
+            )
+        },
+    )
+    crop_format: str = field(
+        default="jpeg",
+        metadata={"help": f"encoding of the crops (jpeg at quality {JPEG_QUALITY}, or lossless png)", "choices": list(CROP_FORMATS)},
+    )
+    crop_min_size: float = field(
+        default=32.0, metadata={"help": "crop only faces whose box's short side has at least this many pixels (--crops)"}
+    )
+    crop_min_quality: float = field(default=0.0, metadata={"help": "crop only faces whose quality is at least this, in [0, 1] (--crops)"})
     overwrite: bool = field(default=False, metadata={"help": "delete previous results under --output and start over"})
     add_input: bool = field(
         default=False,
@@ -132,4 +151,17 @@ class AnnotateConfig:
         with other values would mix two kinds of results in one dataset. Where the model came
         from (a name, then its path) may differ; its sha256, recorded beside these, may not."""
         detector = {k: v for k, v in dataclasses.asdict(self.detector).items() if k not in ("weights", "model")}
-        return {**detector, "max_pixels": self.max_pixels, "max_bytes": self.max_bytes}
+        # Recorded only when on, so that outputs without crops keep the fingerprint they had before crops existed.
+        crops = {"crops": self.crop_settings()} if self.crops else {}
+        return {**detector, "max_pixels": self.max_pixels, "max_bytes": self.max_bytes, **crops}
+
+    def crop_settings(self) -> dict:
+        """What the crops of an output are made with (in its settings when ``--crops`` is on)."""
+        return {
+            "size": self.crops,
+            "format": self.crop_format,
+            "min_size": self.crop_min_size,
+            "min_quality": self.crop_min_quality,
+            "jpeg_quality": JPEG_QUALITY,
+            "schema_version": CROPS_SCHEMA_VERSION,
+        }

@@ -104,7 +104,7 @@ def _print_plan(plan: Plan) -> None:
 
 def _print_summary(summary: dict) -> None:
     print(
-        f"annotate: {summary['images']} images, {summary['faces']} faces, {summary['errors']} errors "
+        f"annotate: {summary['images']} images, {summary['faces']} faces ({summary['crops']} cropped), {summary['errors']} errors "
         f"in {summary['seconds']:.1f} s = {summary['images_per_second']:.2f} images/s; "
         f"{summary['shards_processed']} shards done, {summary['shards_skipped_already_committed']} skipped "
         f"(already committed); {summary['forward_passes']} forward passes, batch fill {summary['batch_fill']:.2f}, "

@@ -37,10 +37,16 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
 @dataclass(frozen=True)
 class OutputListing:
     """What one listing of the output shows: committed shards (id -> settings fingerprint of
-    their object) and the shards marked for a retry of their storage errors."""
+    their object), the shards marked for a retry of their storage errors, and the crops objects
+    (shard id -> fingerprints: an attempt that died may have left one of another shard)."""
 
     committed: dict[str, str]
     retry: set[str]
+    crops: dict[str, set[str]]
+
+    def orphan_crops(self) -> list[tuple[str, str]]:
+        """(shard, fingerprint) of the crops objects without a committed annotation object of the same name."""
+        return sorted((shard, fp) for shard, fps in self.crops.items() for fp in fps if self.committed.get(shard) != fp)
 
 
 class OutputStore:
@@ -53,6 +59,9 @@ class OutputStore:
         ROOT/annotations/shard=<id>/part-<fingerprint>.parquet
                                                            one object per shard, written last =
                                                            committed; named by its settings
+        ROOT/crops/shard=<id>/part-<fingerprint>.parquet   the shard's aligned face crops (--crops),
+                                                           written just before its annotations;
+                                                           counts only once they are committed
         ROOT/_retry/<id>                                   the shard holds storage-error rows: the
                                                            next run redoes it (written before the
                                                            shard's commit, removed after a clean one)
@@ -61,6 +70,7 @@ class OutputStore:
     """
 
     TABLE = "annotations"
+    CROPS = "crops"
     RETRY = "_retry"
     DATASET = "_dataset.json"
 
@@ -71,8 +81,9 @@ class OutputStore:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    def shard_path(self, shard_id: str, fingerprint: str) -> str:
-        return self.path(self.TABLE, f"shard={shard_id}", f"part-{fingerprint}.parquet")
+    def shard_path(self, shard_id: str, fingerprint: str, table: str = TABLE) -> str:
+        """The object of a shard in ``table`` (the annotations, or :attr:`CROPS`)."""
+        return self.path(table, f"shard={shard_id}", f"part-{fingerprint}.parquet")
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Make ``data`` appear at ``path`` all at once (see :func:`write_atomic`)."""
@@ -94,6 +105,21 @@ class OutputStore:
     def commit_shard(self, shard_id: str, fingerprint: str, parquet: bytes) -> None:
         self.write_bytes(self.shard_path(shard_id, fingerprint), parquet)
 
+    def write_crops(self, shard_id: str, fingerprint: str, parquet: bytes) -> None:
+        """Write a shard's crops object; it counts once :meth:`commit_shard` has written the shard."""
+        self.write_bytes(self.shard_path(shard_id, fingerprint, self.CROPS), parquet)
+
+    def remove_crops(self, shards: Sequence[tuple[str, str]]) -> None:
+        """Delete the crops objects of these (shard, fingerprint)s: orphans of attempts that died."""
+        if shards:
+            self.fs.rm([self.shard_path(shard, fp, self.CROPS) for shard, fp in shards])
+            self.fs.invalidate_cache()
+
+    def committed_crops(self, listing: OutputListing) -> dict[str, str]:
+        """Shard id -> path of the crops object of each committed shard that has one."""
+        crops = listing.crops
+        return {shard: self.shard_path(shard, fp, self.CROPS) for shard, fp in listing.committed.items() if fp in crops.get(shard, ())}
+
     def mark_retry(self, shard_id: str, uris: Sequence[str]) -> None:
         self.write_json(f"{self.RETRY}/{shard_id}", {"storage_errors": list(uris)})
 
@@ -101,20 +127,25 @@ class OutputStore:
         self.fs.rm_file(self.path(self.RETRY, shard_id))
 
     def listing(self) -> OutputListing:
-        """Committed shards and retry marks from one recursive listing of the root (1 LIST request
-        per 1,000 objects on S3; not cached)."""
+        """Committed shards, retry marks and crops objects from one recursive listing of the root
+        (1 LIST request per 1,000 objects on S3; not cached)."""
         self.fs.invalidate_cache()
         committed: dict[str, str] = {}
         retry: set[str] = set()
+        crops: dict[str, set[str]] = {}
         for path in self.fs.find(self.root):
             relative = path[len(self.root) :].lstrip("/").split("/")
-            if len(relative) == 3 and relative[0] == self.TABLE and relative[1].startswith("shard="):
+            if len(relative) == 3 and relative[0] in (self.TABLE, self.CROPS) and relative[1].startswith("shard="):
                 name = relative[2]
                 if name.startswith("part-") and name.endswith(".parquet"):
-                    committed[relative[1][len("shard=") :]] = name[len("part-") : -len(".parquet")]
+                    shard, fingerprint = relative[1][len("shard=") :], name[len("part-") : -len(".parquet")]
+                    if relative[0] == self.TABLE:
+                        committed[shard] = fingerprint
+                    else:
+                        crops.setdefault(shard, set()).add(fingerprint)
             elif len(relative) == 2 and relative[0] == self.RETRY:
                 retry.add(relative[1])
-        return OutputListing(committed, retry)
+        return OutputListing(committed, retry, crops)
 
     def read_uris(self, committed: dict[str, str]) -> pa.ChunkedArray:
         """The ``uri`` column of the given committed shards (id -> fingerprint), read in parallel."""
@@ -143,7 +174,7 @@ class OutputStore:
 
     def clear(self) -> None:
         """Delete everything the job writes here (``--overwrite``)."""
-        for relative in (self.TABLE, self.RETRY, "_runs", self.DATASET):
+        for relative in (self.TABLE, self.CROPS, self.RETRY, "_runs", self.DATASET):
             target = self.path(relative)
             if self.fs.exists(target):
                 self.fs.rm(target, recursive=True)

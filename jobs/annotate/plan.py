@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import pyarrow as pa
 
+from retinaface_core.align import MAX_CROP_SIZE, MIN_CROP_SIZE
 from retinaface_core.quality import QUALITY_MODEL_VERSION
 from retinaface_core.storage import canonical_uri, redact
 from schemas.annotation import SCHEMA_VERSION
@@ -183,6 +184,12 @@ def check_config(config: AnnotateConfig) -> None:
         raise JobError(
             "--images-per-shard, --read-attempts, --shard-attempts, --max-bytes, --decode-window-mb and --decode-threads must be >= 1"
         )
+    if config.crops and not (MIN_CROP_SIZE <= config.crops <= MAX_CROP_SIZE):
+        raise JobError(f"--crops must be 0 (no crops) or a side in [{MIN_CROP_SIZE}, {MAX_CROP_SIZE}] px, got {config.crops}")
+    if config.crop_min_size < 0 or not 0 <= config.crop_min_quality <= 1:
+        raise JobError(
+            f"--crop-min-size must be >= 0 and --crop-min-quality in [0, 1], got {config.crop_min_size}, {config.crop_min_quality}"
+        )
 
 
 def claim_output(store: OutputStore, settings: dict, config: AnnotateConfig) -> tuple[OutputListing, list[str], dict | None]:
@@ -210,6 +217,9 @@ def claim_output(store: OutputStore, settings: dict, config: AnnotateConfig) -> 
             f"_dataset.json says (e.g. shard {shard}: {found or 'written by an older version'}); "
             "use --overwrite to start over, or another --output"
         )
+    # Crops objects of shards that never committed (their attempt died between the two writes) are
+    # no part of the output; a redo of the same shard would replace them, another cut would not.
+    store.remove_crops(listing.orphan_crops())
     return listing, inputs, stored
 
 

@@ -3,7 +3,9 @@
 A shard is the unit of work and of commit: :class:`ShardAnnotator` turns one shard's URIs into
 one Parquet object (one row per image, faces nested, schema ``schemas.annotation``) and writes
 it with a single atomic put. Any attempt at a shard, first or retried, writes the same object
-name, so retries overwrite rather than duplicate.
+name, so retries overwrite rather than duplicate. With ``--crops``, the faces' aligned crops
+(:func:`jobs.annotate.crops.crop_rows`, called once per detect window) are written as the
+shard's crops object just before that put.
 
 Two ways to feed it (``--decode``):
 
@@ -38,8 +40,10 @@ from retinaface_core.device_decode import decode_fetched, device_decoder_availab
 from retinaface_core.image_io import RETRYABLE_KINDS, FetchedImage, fetch_image
 from retinaface_core.quality import quality_features
 from schemas.annotation import ANNOTATION_SCHEMA, FACE_STRUCT, file_metadata
+from schemas.crops import CROPS_SCHEMA
 
 from .._model import ModelIdentity, load_detector
+from .crops import crop_rows
 from .output import OutputStore, parquet_bytes, settings_fingerprint
 from .summary import shard_summary
 
@@ -47,6 +51,9 @@ if TYPE_CHECKING:
     from .config import AnnotateConfig
 
 log = logging.getLogger(__name__)
+
+_FACE_COLUMNS = tuple(field.name for field in FACE_STRUCT)[1:]
+"""The face struct's columns after ``face_index``: the order of the rows a window's faces come back in."""
 
 
 def fetch(config: AnnotateConfig, uri: str, device_jpeg: bool = False) -> FetchedImage:
@@ -200,6 +207,8 @@ class ShardAnnotator:
         faces: list[np.ndarray | None] = []
         detect_ms: list[float] = []
         quality_ms: list[float] = []
+        crops: list[pa.Table] = []
+        crop_seconds = 0.0
         batch: list[int] = []
         for item in decoded:
             index = len(images)
@@ -211,10 +220,10 @@ class ShardAnnotator:
             if item.size is not None:
                 batch.append(index)
             if len(batch) == window:
-                self._detect(batch, images, faces, detect_ms, quality_ms)
+                crop_seconds += self._detect(batch, images, faces, detect_ms, quality_ms, crops)
                 batch = []
         if batch:
-            self._detect(batch, images, faces, detect_ms, quality_ms)
+            crop_seconds += self._detect(batch, images, faces, detect_ms, quality_ms, crops)
         table = self._table(images, [s if f is not None else None for s, f in zip(sizes, faces)], faces, detect_ms, quality_ms)
         table = table.replace_schema_metadata(self.metadata)
         retryable = [item.uri for item in images if item.error_kind in RETRYABLE_KINDS]
@@ -222,8 +231,20 @@ class ShardAnnotator:
         if retryable:
             self.store.mark_retry(shard_id, retryable)
         data = parquet_bytes(table, compression="zstd")
+        crop_table = pa.concat_tables([CROPS_SCHEMA.empty_table(), *crops])
+        crop_table = crop_table.replace_schema_metadata(self.metadata)
         try:
-            # A commit that fails is retried on its own: the rows are in memory, nothing is redone.
+            # The crops go first, so that a shard's annotations (its commit) never appear without
+            # them; crops without annotations are no part of the output (see docs/annotate.md).
+            # A write that fails is retried on its own: the rows are in memory, nothing is redone.
+            if self.config.crops:
+                crop_data = parquet_bytes(crop_table)
+                with_retries(
+                    lambda: self.store.write_crops(shard_id, self.fingerprint, crop_data),
+                    self.config.shard_attempts,
+                    self.config.retry_backoff,
+                    f"crops of shard {shard_id}",
+                )
             with_retries(
                 lambda: self.store.commit_shard(shard_id, self.fingerprint, data),
                 self.config.shard_attempts,
@@ -237,6 +258,8 @@ class ShardAnnotator:
         return {
             **shard_summary(shard_id, images, self.detector.stats - stats_before),
             "faces": int(sum(len(f) for f in faces if f is not None)),
+            "crops": crop_table.num_rows,
+            "crop_seconds": crop_seconds,
             "seconds": time.perf_counter() - start,
         }
 
@@ -247,8 +270,10 @@ class ShardAnnotator:
         faces: list[np.ndarray | None],
         detect_ms: list[float],
         quality_ms: list[float],
-    ) -> None:
-        """Decode (on the device) what waits for it, detect, score the faces, then release the pixels.
+        crops: list[pa.Table],
+    ) -> float:
+        """Decode (on the device) what waits for it, detect, score and crop (``--crops``) the faces,
+        then release the pixels; returns the seconds the crops took.
 
         ``faces[i]`` becomes image i's (faces, len(FACE_STRUCT) - 1) float32 rows: the face
         struct's columns after ``face_index``, in its order. Everything per pixel and per face
@@ -271,8 +296,14 @@ class ShardAnnotator:
             faces[i] = host[bounds[j] : bounds[j + 1]]
             detect_ms[i] = (scored - start) * 1e3 / len(ok)
             quality_ms[i] = (end - scored) * 1e3 / len(ok)
+        # The crop hook: the window's pixels and faces (landmarks still on the device) in, crops rows out.
+        if self.config.crops:
+            image_index = np.repeat(np.arange(len(ok)), counts)
+            size, score = host[:, _FACE_COLUMNS.index("face_size")], host[:, _FACE_COLUMNS.index("quality")]
+            crops.append(crop_rows(self.config, self.run_id, [images[i].uri for i in ok], tensors, image_index, found.landmarks, size, score))
         for item in items:
             item.image = None
+        return time.perf_counter() - end
 
     def _table(
         self,
