@@ -62,7 +62,7 @@ def main() -> None:
     paths = sorted((args.shared / "images").glob("*.jpg")) + sorted((args.shared / "widerface/val/images").glob("*/*.jpg"))
     images = [read_image(str(p)) for p in paths]
     detections = Detector(scale=args.scale).detect(images)
-    keep = [face_size(d.boxes) >= args.min_size for d in detections]
+    keep = [face_size(torch.from_numpy(d.boxes)).numpy() >= args.min_size for d in detections]
     landmarks = np.concatenate([d.landmarks[k] for d, k in zip(detections, keep)])
     index = np.repeat(np.arange(len(images)), [int(k.sum()) for k in keep])
     count = len(landmarks)
@@ -88,7 +88,7 @@ def main() -> None:
     encode_s = {fmt: timed(lambda fmt=fmt: encode_crops(crops, fmt), 1) for fmt in ("jpeg", "png")}
 
     residuals = result.residuals.cpu().numpy()
-    yaw = np.abs(pose_angles(landmarks)[0])
+    yaw = np.abs(pose_angles(torch.as_tensor(landmarks))[0].numpy())
     mapped = np.einsum("fij,fkj->fki", matrices[:, :, :2], landmarks) + matrices[:, None, :, 2]
     offsets = (mapped - arcface_template(args.size)).mean(axis=0)
 

@@ -70,7 +70,7 @@ def test_landmarks_of_real_faces_mapped_onto_the_template(photos, aligned):
     RMS of the template at 112. The photos' own landmarks land within 2 px when the face is
     frontal enough to fit a frontal template; their residual grows with the head's yaw."""
     _, detections = photos
-    big = face_size(_all(detections, "boxes")) >= 32
+    big = face_size(torch.from_numpy(_all(detections, "boxes"))).numpy() >= 32
     assert big.sum() > 100
     forward = np.concatenate([aligned.matrices[big], np.tile([[[0, 0, 1]]], (big.sum(), 1, 1))], axis=1).astype(np.float64)
     inverse = np.linalg.inv(forward)[:, :2]
@@ -85,7 +85,7 @@ def test_landmarks_of_real_faces_mapped_onto_the_template(photos, aligned):
     assert rms.max() < 2.0, rms.max()
     np.testing.assert_allclose(result.residuals, rms, atol=1e-3)
 
-    yaw = np.abs(pose_angles(_all(detections, "landmarks"))[0])[big]
+    yaw = np.abs(pose_angles(torch.from_numpy(_all(detections, "landmarks")))[0].numpy())[big]
     residuals = aligned.residuals[big]
     assert (residuals < 2).sum() >= 20, "frontal faces fit the template within 2 px"
     assert spearmanr(residuals, yaw).statistic > 0.5, "the residual measures how far a face is from frontal"

@@ -280,7 +280,7 @@ def visible_crops(output: str) -> pd.DataFrame:
     face_index), as docs/annotate.md joins them."""
     rows = read_rows(output)
     keys = pd.DataFrame(
-        [(r.shard, r.uri, r.run_id, face["face_index"]) for r in rows.itertuples() for face in r.faces],
+        [(r.shard, r.uri, r.run_id, face["face_index"]) for r in rows.itertuples() for face in (r.faces if r.faces is not None else [])],
         columns=["shard", "uri", "run_id", "face_index"],
     )
     return read_rows(output, "crops").merge(keys, on=list(keys.columns))
