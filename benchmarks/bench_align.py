@@ -97,12 +97,19 @@ def main() -> None:
     for name, mask in (("all", np.ones(count, bool)), ("|yaw| < 15", yaw < 15)):
         p50, p90, p100 = np.percentile(residuals[mask], [50, 90, 100])
         within = (residuals[mask] < 2 * args.size / 112).mean()
-        print(f"residual, {name:10s} ({mask.sum():3d} faces): median {p50:.2f}, p90 {p90:.2f}, max {p100:.2f} px; {within:.0%} within 2 px at 112")
+        print(
+            f"residual, {name:10s} ({mask.sum():3d} faces): median {p50:.2f}, p90 {p90:.2f}, max {p100:.2f} px; "
+            f"{within:.0%} within 2 px at 112"
+        )
     print("mean offset of each landmark from the template (x, y px):", " ".join(f"({x:+.2f}, {y:+.2f})" for x, y in offsets))
-    print(f"align: {seconds / count * 1e3:.3f} ms per face ({count / seconds:.0f} faces/s); cv2.warpAffine on the CPU {reference / count * 1e3:.3f} ms")
+    print(
+        f"align: {seconds / count * 1e3:.3f} ms per face ({count / seconds:.0f} faces/s); "
+        f"cv2.warpAffine on the CPU {reference / count * 1e3:.3f} ms"
+    )
     for fmt in ("jpeg", "png"):
         sizes = np.array([len(b) for b in encoded[fmt]])
-        print(f"{fmt}: {sizes.mean():.0f} B per face (median {np.median(sizes):.0f}), encoded in {encode_s[fmt] / count * 1e3:.3f} ms per face")
+        per_face = encode_s[fmt] / count * 1e3
+        print(f"{fmt}: {sizes.mean():.0f} B per face (median {np.median(sizes):.0f}), encoded in {per_face:.3f} ms per face")
 
 
 if __name__ == "__main__":
