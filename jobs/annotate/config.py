@@ -100,6 +100,15 @@ class AnnotateConfig:
         default=None, metadata={"help": "torch intra-op threads per actor (default: --num-cpus-per-actor, at least 1)"}
     )
     overwrite: bool = field(default=False, metadata={"help": "delete previous results under --output and start over"})
+    lease_seconds: float = field(
+        default=60.0,
+        metadata={
+            "help": (
+                "one run at a time annotates an output: the run renews its lease on it every quarter of this, and a run "
+                "that finds a lease not renewed for this long (or whose process on this machine is gone) takes it over"
+            )
+        },
+    )
     s3: StorageOptions = field(default_factory=StorageOptions, metadata={"flatten": "s3_"})
     ray_address: str | None = field(
         default=None, metadata={"help": "Ray cluster to join: auto, host:port, ray://... (default: $RAY_ADDRESS, else a new local Ray)"}

@@ -15,7 +15,8 @@ Inventories (``--inventory``):
 The plan, as three Ray Data stages whose data stay in the object store:
 
 1. read the inventory (one task per data file, streamed a record batch at a time) and the
-   ``uri`` column of every committed shard file;
+   ``uri`` column of every committed shard file (the paths of those that are not readable
+   shards come back to the driver, which quarantines them);
 2. anti-join: both sides, tagged with their side, are grouped by a stable hash of the URI into
    groups of about ``JOIN_GROUP_ROWS`` URIs; each group yields its listed URIs that no shard
    holds (new) and its committed URIs no longer listed (removed);
@@ -47,6 +48,7 @@ from retinaface_core.storage import StorageOptions, canonical_uri, filesystem, f
 
 from .._exit import JobError
 from .._inputs import image_name_mask, storage_error
+from .output import UnreadableShard, read_uri_column
 from .shards import make_shards, shard_table
 
 if TYPE_CHECKING:
@@ -72,7 +74,7 @@ _S3_COLUMNS = {
     "CSV": ("Key", "Bucket", "IsLatest", "IsDeleteMarker"),
     "Parquet": ("key", "bucket", "is_latest", "is_delete_marker"),
 }
-_LISTED, _DONE = 0, 1
+_LISTED, _DONE, _UNREADABLE = 0, 1, 2
 
 
 class InventoryError(ValueError):
@@ -282,13 +284,33 @@ def _inventory_uris(inventory: Inventory, path: str) -> Iterator[pa.Array]:
 
 
 def _read_committed(batch: pa.Table, fs: fsspec.AbstractFileSystem) -> Iterator[pa.Table]:
-    """Ray Data UDF: rows of committed shard file ``path`` -> their ``uri`` column (side done)."""
-    yield from _blocks((_committed_uris(fs, path) for path in batch.column("path").to_pylist()), _DONE)
+    """Ray Data UDF: rows of committed shard file ``path`` -> their ``uri`` column (side done);
+    the path of a file that is not a readable shard (:class:`UnreadableShard`), side unreadable."""
+    unreadable: list[str] = []
+
+    def columns() -> Iterator[list[pa.Array]]:
+        for path in batch.column("path").to_pylist():
+            try:
+                yield [read_uri_column(fs, path)]
+            except UnreadableShard:
+                unreadable.append(path)
+
+    yield from _blocks(columns(), _DONE)
+    if unreadable:
+        yield _tagged(pa.array(unreadable, pa.string()), _UNREADABLE)
 
 
-def _committed_uris(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[pa.Array]:
-    with fs.open(path, "rb") as f:
-        yield pq.read_table(f, columns=["uri"]).column("uri").combine_chunks()
+def _side(batch: pa.Table, side: int) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("side"), side))
+
+
+def _why_unreadable(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Why a read task found the shard object at ``path`` unreadable (read again on the driver)."""
+    try:
+        read_uri_column(fs, path)
+    except UnreadableShard as exc:
+        return str(exc)
+    return "not readable when planned"
 
 
 def _blocks(files: Iterator[Iterator[pa.Array]], side: int = _LISTED) -> Iterator[pa.Table]:
@@ -389,12 +411,14 @@ class InventoryImages:
 @dataclass
 class InventoryPlan:
     """What an inventory says against the committed output: ``listed`` (selected, de-duplicated),
-    ``new`` (listed, not committed), ``removed`` (committed, not listed) and up to 3 of those."""
+    ``new`` (listed, not committed), ``removed`` (committed, not listed) and up to 3 of those;
+    ``unreadable`` the committed files that are not readable shards (path, why), left out."""
 
     listed: int
     new: InventoryImages
     removed: int
     removed_examples: list[str]
+    unreadable: list[tuple[str, str]]
 
 
 def plan_inventory(inventory: Inventory, committed_files: list[str], output_fs: fsspec.AbstractFileSystem) -> InventoryPlan:
@@ -417,10 +441,15 @@ def _plan(inventory: Inventory, committed_files: list[str], output_fs: fsspec.Ab
         .materialize()
     )
     sides = [listed]
+    unreadable: list[str] = []
     if committed_files:
-        sides.append(_paths(committed_files).map_batches(
+        read = _paths(committed_files).map_batches(
             _read_committed, fn_kwargs={"fs": output_fs}, batch_format="pyarrow", batch_size=None
-        ).materialize())  # fmt: skip
+        ).materialize()  # fmt: skip
+        unreadable = [row["uri"] for row in read.map_batches(
+            _side, fn_kwargs={"side": _UNREADABLE}, batch_format="pyarrow", batch_size=None
+        ).take_all()]  # fmt: skip
+        sides.append(read.map_batches(_side, fn_kwargs={"side": _DONE}, batch_format="pyarrow", batch_size=None).materialize())
     groups = _groups(sum(side.count() for side in sides), JOIN_GROUP_ROWS)
     committed = sides[1].count() if committed_files else 0
     joined = (
@@ -435,7 +464,13 @@ def _plan(inventory: Inventory, committed_files: list[str], output_fs: fsspec.Ab
     new_count, removed_count = new.count(), removed.count()
     examples = [row["uri"] for row in removed.take(3)] if removed_count else []
     # Every committed URI is either listed (and so not new) or removed.
-    return InventoryPlan(new_count + committed - removed_count, InventoryImages(new, new_count), removed_count, examples)
+    return InventoryPlan(
+        new_count + committed - removed_count,
+        InventoryImages(new, new_count),
+        removed_count,
+        examples,
+        [(path, _why_unreadable(output_fs, path)) for path in unreadable],
+    )
 
 
 def _inventory_error(exc: BaseException | None) -> InventoryError | None:

@@ -4,8 +4,8 @@ inventory, planned in Ray Data), the shards to redo, and the shard rows the acto
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -22,8 +22,9 @@ from .._inputs import list_input
 from .._model import ModelIdentity, resolve_model_identity
 from .config import AnnotateConfig
 from .digests import DigestSet, uri_digests
-from .inventory import open_inventory, plan_inventory, union
-from .output import OutputStore, settings_fingerprint
+from .inventory import Inventory, open_inventory, plan_inventory, union
+from .lease import RunLease
+from .output import OutputListing, OutputStore, UnreadableShard, settings_fingerprint
 from .shards import Shard, make_shards, shard_table
 
 if TYPE_CHECKING:
@@ -63,7 +64,8 @@ class Plan:
     ``new`` are the listed URIs that no committed shard holds, ``retry`` the committed shards to
     redo for their storage errors (id -> their URIs), ``removed`` the count of committed URIs
     the input no longer has (reported, kept; ``removed_examples`` up to 3 of them), ``todo``
-    the count of shards to do once they are cut.
+    the count of shards to do once they are cut. ``lease`` is the run's hold on the output
+    (released by the job at its end), ``quarantined`` the files moved out of ``annotations/``.
     """
 
     store: OutputStore
@@ -76,6 +78,8 @@ class Plan:
     settings: dict
     model: ModelIdentity
     todo: int = 0
+    lease: RunLease | None = None
+    quarantined: list[str] = field(default_factory=list)
 
 
 def output_settings(config: AnnotateConfig, model: ModelIdentity) -> dict:
@@ -100,12 +104,14 @@ def comparable(settings: dict) -> dict:
 
 def prepare(config: AnnotateConfig, run_id: str) -> Plan:
     """Every job-level check, then the plan: on the driver from a listing, or in Ray Data from
-    an inventory (``--inventory``; its files are checked before any Ray work).
+    an inventory (``--inventory``; its files are checked before any Ray work). The plan holds
+    the output's lease (:class:`RunLease`): a run that finds another one annotating the output
+    says so and waits for it.
 
     Raises :class:`JobError` with a message naming the problem: bad settings, a checkpoint that
     cannot be found, an input that cannot be listed, an inventory that cannot be read, an output
     that cannot be written, or an output written with other settings (by an earlier run, by a
-    concurrent one, or found in a shard's own name).
+    concurrent one, or found in a shard's own name). A refused run writes nothing.
     """
     if config.batch_size < 1 or (config.actors is not None and config.actors < 1):
         raise JobError("--batch-size and --actors must be >= 1")
@@ -125,50 +131,131 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
         raise JobError(
             "--images-per-shard, --read-attempts, --shard-attempts, --max-bytes, --decode-window-mb and --decode-threads must be >= 1"
         )
+    if not config.lease_seconds > 0:
+        raise JobError(f"--lease-seconds must be > 0, got {config.lease_seconds}")
     model, _ = resolve_model_identity(config.detector, config.s3)
     store = OutputStore(config.output, config.s3)
     store.check_writable()
     inventory = open_inventory(config.inventory, config.input, config.s3) if config.inventory else None
+    settings = output_settings(config, model)
+    if not config.overwrite:
+        # At once, rather than after waiting for a run of other settings to end (checked again below).
+        check_settings(config.output, settings, store.read_json(OutputStore.DATASET))
+    lease = RunLease.acquire(store, run_id, config.lease_seconds)
+    try:
+        return _plan_holding(config, run_id, store, lease, inventory, settings, model)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _plan_holding(
+    config: AnnotateConfig,
+    run_id: str,
+    store: OutputStore,
+    lease: RunLease,
+    inventory: Inventory | None,
+    settings: dict,
+    model: ModelIdentity,
+) -> Plan:
+    """:func:`prepare` once the run holds the output: nothing is written before every check passed."""
     uris = None if inventory else list_input(config.input, config.s3)
     if config.overwrite:
         store.clear()
-    settings = output_settings(config, model)
-    # The first run to create _dataset.json owns the output; a concurrent run that lost the race
-    # reads the winner's settings here and is refused below if they differ.
-    if not store.create_json(OutputStore.DATASET, settings):
-        stored = store.read_json(OutputStore.DATASET) or {}
-        changed = sorted(k for k in comparable(settings).keys() | comparable(stored).keys() if stored.get(k) != settings.get(k))
-        if changed:
-            raise JobError(
-                f"output {config.output} holds results made with other settings ({', '.join(changed)}: "
-                f"{ {k: stored.get(k) for k in changed} } vs { {k: settings.get(k) for k in changed} }); "
-                "use --overwrite to start over, or another --output"
-            )
     listing = store.listing()
-    fingerprint = settings_fingerprint(comparable(settings))
-    mixed = {shard: fp for shard, fp in listing.committed.items() if fp != fingerprint}
-    if mixed:
-        shard, fp = next(iter(sorted(mixed.items())))
-        found = store.read_settings(shard, fp)
-        raise JobError(
-            f"output {config.output} holds {len(mixed)} committed shards made with other settings than "
-            f"_dataset.json says (e.g. shard {shard}: {found or 'written by an older version'}); "
-            "use --overwrite to start over, or another --output"
-        )
+    stored = store.read_json(OutputStore.DATASET)
+    check_settings(config.output, settings, stored)
+    check_shards(config.output, store, settings, listing.committed)
+    # The first run whose settings pass owns the output; a writer that holds no lease (an older
+    # version of the job) may have created it meanwhile, and is compared with once more.
+    if stored is None and not store.create_json(OutputStore.DATASET, settings):
+        check_settings(config.output, settings, store.read_json(OutputStore.DATASET))
+    quarantined = clean_up(store, listing, run_id)
+    committed = dict(listing.committed)
     # What is already annotated comes from the output itself (its uri column), so a grown input
     # gets only its new objects annotated, in new shards, and no URI is ever annotated twice.
     if inventory is not None:
         init_ray(config.ray_address)
-        found = plan_inventory(inventory, [store.shard_path(s, fp) for s, fp in sorted(listing.committed.items())], store.fs)
+        paths = {store.shard_path(s, fp): s for s, fp in sorted(committed.items())}
+        found = plan_inventory(inventory, list(paths), store.fs)
+        for path, why in found.unreadable:
+            quarantined.append(quarantine(store, path, why, run_id, "its images are annotated again"))
+            del committed[paths[path]]
         listed, new, removed, examples = found.listed, found.new, found.removed, found.removed_examples
     else:
         listed = len(uris)
-        new, removed, examples = split_listing(uris, store, listing.committed)
+        new, removed, examples = split_listing(uris, readable_uris(store, committed, run_id, quarantined))
         del uris  # the new ones are what the run keeps
-    retry_ids = sorted(listing.retry & listing.committed.keys())
-    retry = {shard: store.read_uris({shard: listing.committed[shard]}).to_pylist() for shard in retry_ids}
+    retry_ids = sorted(listing.retry & committed.keys())
+    retry = {shard: store.read_uris({shard: committed[shard]}).to_pylist() for shard in retry_ids}
     store.write_json(f"_runs/{run_id}/config.json", {"run_id": run_id, **config_dict(config)})
-    return Plan(store, listed, len(listing.committed), new, retry, removed, examples, settings, model)
+    return Plan(store, listed, len(committed), new, retry, removed, examples, settings, model, lease=lease, quarantined=quarantined)
+
+
+def check_settings(output: str, settings: dict, stored: dict | None) -> None:
+    """Refuse an output whose ``_dataset.json`` (``stored``, None if absent) holds other settings."""
+    if stored is None:
+        return
+    changed = sorted(k for k in comparable(settings).keys() | comparable(stored).keys() if stored.get(k) != settings.get(k))
+    if changed:
+        raise JobError(
+            f"output {output} holds results made with other settings ({', '.join(changed)}: "
+            f"{ {k: stored.get(k) for k in changed} } vs { {k: settings.get(k) for k in changed} }); "
+            "use --overwrite to start over, or another --output"
+        )
+
+
+def check_shards(output: str, store: OutputStore, settings: dict, committed: dict[str, str]) -> None:
+    """Refuse an output holding committed shards whose names say other settings than ``settings``."""
+    fingerprint = settings_fingerprint(comparable(settings))
+    mixed = {shard: fp for shard, fp in committed.items() if fp != fingerprint}
+    if not mixed:
+        return
+    shard, fp = next(iter(sorted(mixed.items())))
+    try:
+        found = store.read_settings(shard, fp) or "written by an older version"
+    except Exception as exc:
+        found = f"not readable ({type(exc).__name__}: {exc})"
+    raise JobError(
+        f"output {output} holds {len(mixed)} committed shards made with other settings than this run's "
+        f"(e.g. shard {shard}: {found}); use --overwrite to start over, or another --output"
+    )
+
+
+def clean_up(store: OutputStore, listing: OutputListing, run_id: str) -> list[str]:
+    """Remove the temporary files of writes that never completed (the run holds the output, so no
+    write of another run is under way) and quarantine the files under ``annotations/`` that are
+    not shard objects (dataset readers would fail on them); returns the quarantined URIs."""
+    for path in listing.temporaries:
+        store.fs.rm_file(path)
+    if listing.temporaries:
+        print(
+            f"annotate: removed {len(listing.temporaries)} temporary files of writes that never completed "
+            f"(e.g. {store.describe(listing.temporaries[0])})",
+            flush=True,
+        )
+    return [
+        quarantine(store, path, "not a shard object of this job", run_id, "readers of annotations/ would fail on it")
+        for path in listing.foreign
+    ]
+
+
+def quarantine(store: OutputStore, path: str, why: str, run_id: str, consequence: str) -> str:
+    """Move ``path`` under ``_quarantine/<run_id>/``, saying so; returns its URI before the move."""
+    where = store.quarantine(path, run_id)
+    print(f"annotate: warning: {store.describe(path)}: {why}; moved to {where}, kept for inspection; {consequence}", flush=True)
+    return store.describe(path)
+
+
+def readable_uris(store: OutputStore, committed: dict[str, str], run_id: str, quarantined: list[str]) -> Iterator[pa.Array]:
+    """The ``uri`` column of each committed shard; a shard object that is not readable is
+    quarantined and dropped from ``committed`` (its URIs are then new, and annotated again)."""
+    for shard, fp, uris in store.shard_uris(dict(committed)):
+        if isinstance(uris, UnreadableShard):
+            quarantined.append(quarantine(store, store.shard_path(shard, fp), str(uris), run_id, "its images are annotated again"))
+            del committed[shard]
+        else:
+            yield uris
 
 
 # Committed URIs looked up at once: enough that the sorted queries walk the listing's digests
@@ -176,9 +263,10 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
 LOOKUP_ROWS = 1 << 18
 
 
-def split_listing(uris: pa.ChunkedArray, store: OutputStore, committed: dict[str, str]) -> tuple[ListedImages, int, list[str]]:
+def split_listing(uris: pa.ChunkedArray, committed: Iterable[pa.Array]) -> tuple[ListedImages, int, list[str]]:
     """The listed URIs (each once) that no committed shard holds, and how many committed URIs
-    are no longer listed, with up to 3 of them.
+    are no longer listed, with up to 3 of them; ``committed`` are the ``uri`` columns of the
+    committed shards (:meth:`OutputStore.uri_batches`, :func:`readable_uris`).
 
     Compared by digest (:class:`DigestSet`): the listing's digests are kept (24 B per URI, 40
     at the peak while they are sorted) and the committed ``uri`` columns are streamed past them
@@ -189,7 +277,7 @@ def split_listing(uris: pa.ChunkedArray, store: OutputStore, committed: dict[str
     listed = DigestSet(uri_digests(uris))
     annotated = np.zeros(len(uris), bool)
     removed, examples = 0, []
-    for done, digests in _lookup_rounds(store.uri_batches(committed)):
+    for done, digests in _lookup_rounds(committed):
         found = listed.find(digests)
         annotated[found[found >= 0]] = True
         missing = found < 0
@@ -200,7 +288,7 @@ def split_listing(uris: pa.ChunkedArray, store: OutputStore, committed: dict[str
     return ListedImages(new), removed, examples
 
 
-def _lookup_rounds(batches: Iterator[pa.Array]) -> Iterator[tuple[pa.ChunkedArray, np.ndarray]]:
+def _lookup_rounds(batches: Iterable[pa.Array]) -> Iterator[tuple[pa.ChunkedArray, np.ndarray]]:
     """``batches`` of URIs regrouped into rounds of about ``LOOKUP_ROWS``, with their digests."""
     held: list[pa.Array] = []
     digests: list[np.ndarray] = []
