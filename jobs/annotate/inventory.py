@@ -340,7 +340,8 @@ def _with_bucket(batch: pa.Table, buckets: int) -> pa.Table:
 
 def _anti_join(group: pa.Table) -> pa.Table:
     """Ray Data group UDF: one hash group of both sides -> its new URIs (``removed`` false: listed,
-    not committed; de-duplicated) and its removed ones (``removed`` true: committed, not listed)."""
+    not committed; de-duplicated) and its removed ones (``removed`` true: committed, not listed);
+    the paths of unreadable shard objects are neither side."""
     side = group.column("side")
     uris = group.column("uri")
     listed = pc.unique(uris.filter(pc.equal(side, _LISTED)))
@@ -446,12 +447,13 @@ def _plan(inventory: Inventory, committed_files: list[str], output_fs: fsspec.Ab
         read = _paths(committed_files).map_batches(
             _read_committed, fn_kwargs={"fs": output_fs}, batch_format="pyarrow", batch_size=None
         ).materialize()  # fmt: skip
+        # A few rows at most; the anti-join takes only the listed and the done sides.
         unreadable = [row["uri"] for row in read.map_batches(
             _side, fn_kwargs={"side": _UNREADABLE}, batch_format="pyarrow", batch_size=None
         ).take_all()]  # fmt: skip
-        sides.append(read.map_batches(_side, fn_kwargs={"side": _DONE}, batch_format="pyarrow", batch_size=None).materialize())
+        sides.append(read)
     groups = _groups(sum(side.count() for side in sides), JOIN_GROUP_ROWS)
-    committed = sides[1].count() if committed_files else 0
+    committed = sides[1].count() - len(unreadable) if committed_files else 0
     joined = (
         union(sides)
         .map_batches(_with_bucket, fn_kwargs={"buckets": groups}, batch_format="pyarrow", batch_size=None)

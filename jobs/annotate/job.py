@@ -182,13 +182,22 @@ def _annotate(config: AnnotateConfig, run_id: str, plan: Plan, signals: Signals,
     results: list[dict] = []
     # From here on a first signal lets the run end in order: shards in flight, then the summary.
     signals.on_first = plan.lease.stop
+    crashed: Exception | None = None
     try:
         if len(plan.new) or plan.retry:
             run_pipeline(config, run_id, plan, results, signals)
     except KeyboardInterrupt:
         pass  # the second signal: the shards in flight are abandoned
+    except Exception as exc:
+        # After a signal, workers that got it too (a Ctrl-C reaches the terminal's whole process
+        # group) fail their shards: that is the interrupt. Otherwise the summary of the shards
+        # done so far is written, then the error raised.
+        if not signals.received:
+            crashed = exc
     summary = summarise(run_id, plan, results, time.perf_counter() - start, interrupted=signals.received > 0)
     save_summary(plan.store, run_id, summary)
+    if crashed is not None:
+        raise crashed
     print(
         f"annotate: {summary['images']} images, {summary['faces']} faces, {summary['errors']} errors "
         f"in {summary['seconds']:.1f} s = {summary['images_per_second']:.2f} images/s; "

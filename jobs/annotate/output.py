@@ -188,7 +188,8 @@ class OutputStore:
         for path in self.fs.find(self.root):
             relative = path[len(self.root) :].lstrip("/").split("/")
             if TEMPORARY_NAME.match(relative[-1]):
-                temporaries.append(path)
+                if relative[0] != self.LEASE:  # the lease's own renewals write there meanwhile
+                    temporaries.append(path)
             elif relative[0] == self.TABLE and len(relative) > 1:
                 if _is_shard_object(relative):
                     committed[relative[1][len("shard=") :]] = relative[2][len("part-") : -len(".parquet")]
@@ -314,10 +315,11 @@ class OutputStore:
         self.fs.invalidate_cache()
 
     def check_writable(self) -> None:
-        """Write and delete a probe object, so a read-only or missing output fails before any work."""
+        """Write and delete a probe object, so a read-only, missing or full output fails before any
+        work (not empty: an empty file still fits on a full disk)."""
         probe = self.path("_runs", f".probe-{uuid.uuid4().hex}")
         try:
-            self.write_bytes(probe, b"")
+            self.write_bytes(probe, b"probe")
             self.fs.rm(probe)
         except Exception as exc:
             raise JobError(f"output {self.uri} is not writable ({type(exc).__name__}: {exc})") from exc

@@ -141,7 +141,10 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
     if not config.overwrite:
         # At once, rather than after waiting for a run of other settings to end (checked again below).
         check_settings(config.output, settings, store.read_json(OutputStore.DATASET))
-    lease = RunLease.acquire(store, run_id, config.lease_seconds)
+    try:
+        lease = RunLease.acquire(store, run_id, config.lease_seconds)
+    except Exception as exc:
+        raise JobError(f"output {config.output}: cannot take its lease ({type(exc).__name__}: {exc})") from exc
     try:
         return _plan_holding(config, run_id, store, lease, inventory, settings, model)
     except BaseException:
