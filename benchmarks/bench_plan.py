@@ -68,7 +68,7 @@ def child(step: str, uri: str, output: str) -> dict:
         # Likewise split_listing's fixed costs (its lookup buffers, the reader's read-ahead), by a
         # first resume of the first 1,000 objects against the whole output.
         store = OutputStore(output)
-        split_listing(list_input(uri + "00000/").uris, store, store.listing().committed)
+        split_listing(list_input(uri + "00000/").uris, store.uri_batches(store.listing().committed))
     _reset_peak()
     base = _rss_mib()
     start = time.perf_counter()
@@ -90,7 +90,7 @@ def child(step: str, uri: str, output: str) -> dict:
         listed, listed_rss = time.perf_counter(), _rss_mib()
         store = OutputStore(output)
         listing = store.listing()
-        new, _, _ = split_listing(uris, store, listing.committed)
+        new, _, _ = split_listing(uris, store.uri_batches(listing.committed))
         result = {
             "objects": len(uris), "files": len(listing.committed), "new": len(new), "input_listing_s": listed - start,
             "split_mib": _rss_mib() - listed_rss,
@@ -115,7 +115,7 @@ def inventory_child(planner: str, inventory: str, output: str) -> dict:
         base, start = _rss_mib(), time.perf_counter()
         uris = list_input(inventory + ".parquet").uris
         listed = _rss_mib()
-        new, _, _ = split_listing(uris, store, store.listing().committed)
+        new, _, _ = split_listing(uris, store.uri_batches(store.listing().committed))
         result["split_mib"] = _rss_mib() - listed
         rows, count = len(uris), len(new)
         del uris, new

@@ -9,6 +9,8 @@ config files.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import posixpath
 import re
@@ -16,8 +18,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
-
-import functools
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -163,21 +163,51 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     globs and dataset discovery.
     """
     if isinstance(fs, LocalFileSystem):
-        os.replace(_local_temporary(path, data), path)
+        tmp = _local_temporary(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            _remove(tmp)
+            raise
     else:
         fs.pipe_file(path, data)
 
 
+# What _local_temporary names its files: ``.<final name>.<32 hex digits>.tmp``.
+TEMPORARY_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+
+
 def _local_temporary(path: str, data: bytes) -> str:
-    """``data`` written and synced to a hidden temporary file beside ``path``; returns its name."""
+    """``data`` written and synced to a hidden temporary file beside ``path``; returns its name.
+    A write that fails (a full disk, a quota, an interrupt) removes what it had written."""
     folder = posixpath.dirname(path)
     os.makedirs(folder, exist_ok=True)
     tmp = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _remove(tmp)
+        raise
     return tmp
+
+
+def _remove(path: str) -> None:
+    """Remove a local file if it is there, without hiding the error being handled."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    """Move ``source`` to ``target`` on ``fs``: a rename on local disks (creating the target's
+    folder), a copy then a delete on object stores."""
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(posixpath.dirname(target), exist_ok=True)
+        os.replace(source, target)
+    else:
+        fs.mv(source, target)
 
 
 def write_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:

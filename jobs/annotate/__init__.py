@@ -21,6 +21,7 @@ One module per concept, each importing only those above it:
 - :mod:`.digests`: URI digests, how the driver compares a listing with the output;
 - :mod:`.output`: :class:`OutputStore`, the output folder, its layout and commits;
 - :mod:`.inventory`: the input from an inventory, planned in Ray Data;
+- :mod:`.lease`: :class:`RunLease`, one run at a time on an output;
 - :mod:`.plan`: every job-level check, then what a run does (:class:`Plan`);
 - :mod:`.summary`: the shard and run summaries;
 - :mod:`.crops`: the faces' aligned crops (``--crops``), the worker's crop hook;
@@ -35,6 +36,6 @@ statuses (:mod:`jobs._exit`) are shared with the other jobs.
 
 from .cli import main
 from .config import AnnotateConfig
-from .job import ShardsFailed, run
+from .job import Interrupted, ShardsFailed, run
 
-__all__ = ["AnnotateConfig", "ShardsFailed", "main", "run"]
+__all__ = ["AnnotateConfig", "Interrupted", "ShardsFailed", "main", "run"]

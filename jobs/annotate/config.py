@@ -123,6 +123,15 @@ class AnnotateConfig:
         default=False,
         metadata={"help": "annotate --input into an --output that holds the results of another input (refused without it)"},
     )
+    lease_seconds: float = field(
+        default=60.0,
+        metadata={
+            "help": (
+                "one run at a time annotates an output: the run renews its lease on it every quarter of this, and a run "
+                "that finds a lease not renewed for this long (or whose process on this machine is gone) takes it over"
+            )
+        },
+    )
     s3: StorageOptions = field(default_factory=StorageOptions, metadata={"flatten": "s3_"})
     ray_address: str | None = field(
         default=None, metadata={"help": "Ray cluster to join: auto, host:port, ray://... (default: $RAY_ADDRESS, else a new local Ray)"}

@@ -17,7 +17,8 @@ and entries named twice, are counted by reason.
 The plan, as three Ray Data stages whose data stay in the object store:
 
 1. read the inventory (one task per data file, streamed a record batch at a time) and the
-   ``uri`` column of every committed shard file;
+   ``uri`` column of every committed shard file (the paths of those that are not readable
+   shards come back to the driver, which quarantines them);
 2. anti-join: both sides, tagged with their side, are grouped by a stable hash of the URI into
    groups of about ``JOIN_GROUP_ROWS`` URIs; each group yields its listed URIs that no shard
    holds (new) and its committed URIs no longer listed (removed);
@@ -49,6 +50,7 @@ from retinaface_core.storage import StorageOptions, canonical_uri, filesystem, f
 
 from .._exit import JobError
 from .._inputs import SKIP_REASONS, SkipCounts, skip_reasons, storage_error
+from .output import UnreadableShard, read_uri_column
 from .shards import make_shards, shard_table
 
 if TYPE_CHECKING:
@@ -74,9 +76,9 @@ _S3_COLUMNS = {
     "CSV": ("Key", "Bucket", "IsLatest", "IsDeleteMarker"),
     "Parquet": ("key", "bucket", "is_latest", "is_delete_marker"),
 }
-_LISTED, _DONE = 0, 1
+_LISTED, _DONE, _UNREADABLE = 0, 1, 2
 # Sides of the inventory's entries the image rule skips, one per reason.
-_SKIPPED = {reason: 2 + i for i, reason in enumerate(SKIP_REASONS)}
+_SKIPPED = {reason: 3 + i for i, reason in enumerate(SKIP_REASONS)}
 
 
 class InventoryError(ValueError):
@@ -286,13 +288,33 @@ def _inventory_uris(inventory: Inventory, path: str) -> Iterator[pa.Array]:
 
 
 def _read_committed(batch: pa.Table, fs: fsspec.AbstractFileSystem) -> Iterator[pa.Table]:
-    """Ray Data UDF: rows of committed shard file ``path`` -> their ``uri`` column (side done)."""
-    yield from _blocks((_committed_uris(fs, path) for path in batch.column("path").to_pylist()), _DONE)
+    """Ray Data UDF: rows of committed shard file ``path`` -> their ``uri`` column (side done);
+    the path of a file that is not a readable shard (:class:`UnreadableShard`), side unreadable."""
+    unreadable: list[str] = []
+
+    def columns() -> Iterator[list[pa.Array]]:
+        for path in batch.column("path").to_pylist():
+            try:
+                yield [read_uri_column(fs, path)]
+            except UnreadableShard:
+                unreadable.append(path)
+
+    yield from _blocks(columns(), _DONE)
+    if unreadable:
+        yield _tagged(pa.array(unreadable, pa.string()), _UNREADABLE)
 
 
-def _committed_uris(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[pa.Array]:
-    with fs.open(path, "rb") as f:
-        yield pq.read_table(f, columns=["uri"]).column("uri").combine_chunks()
+def _side(batch: pa.Table, side: int) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("side"), side))
+
+
+def _why_unreadable(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Why a read task found the shard object at ``path`` unreadable (read again on the driver)."""
+    try:
+        read_uri_column(fs, path)
+    except UnreadableShard as exc:
+        return str(exc)
+    return "not readable when planned"
 
 
 def _blocks(files: Iterator[Iterator[pa.Array]], side: int = _LISTED) -> Iterator[pa.Table]:
@@ -325,10 +347,6 @@ def _side_counts(batch: pa.Table) -> pa.Table:
     return pa.table({"side": counts.field("values"), "rows": counts.field("counts")})
 
 
-def _only_side(batch: pa.Table, side: int) -> pa.Table:
-    return batch.filter(pc.equal(batch.column("side"), side))
-
-
 def _with_bucket(batch: pa.Table, buckets: int) -> pa.Table:
     """Ray Data UDF: adds ``bucket``, the URI's stable hash modulo ``buckets``."""
     return batch.append_column(
@@ -338,7 +356,8 @@ def _with_bucket(batch: pa.Table, buckets: int) -> pa.Table:
 
 def _anti_join(group: pa.Table) -> pa.Table:
     """Ray Data group UDF: one hash group of both sides -> its new URIs (``removed`` false: listed,
-    not committed; de-duplicated) and its removed ones (``removed`` true: committed, not listed)."""
+    not committed; de-duplicated) and its removed ones (``removed`` true: committed, not listed);
+    the paths of unreadable shard objects are neither side."""
     side = group.column("side")
     uris = group.column("uri")
     listed = pc.unique(uris.filter(pc.equal(side, _LISTED)))
@@ -410,7 +429,8 @@ class InventoryImages:
 class InventoryPlan:
     """What an inventory says against the committed output: ``objects`` (its entries under the
     input), of which ``listed`` images (de-duplicated) and ``skipped`` the rest by reason, ``new``
-    (listed, not committed), ``removed`` (committed, not listed) and up to 3 of those."""
+    (listed, not committed), ``removed`` (committed, not listed) and up to 3 of those;
+    ``unreadable`` the committed files that are not readable shards (path, why), left out."""
 
     listed: int
     new: InventoryImages
@@ -418,6 +438,7 @@ class InventoryPlan:
     removed_examples: list[str]
     objects: int
     skipped: SkipCounts
+    unreadable: list[tuple[str, str]]
 
 
 def plan_inventory(inventory: Inventory, committed_files: list[str], output_fs: fsspec.AbstractFileSystem) -> InventoryPlan:
@@ -445,16 +466,22 @@ def _plan(inventory: Inventory, committed_files: list[str], output_fs: fsspec.Ab
     skipped = SkipCounts()
     for reason, side in _SKIPPED.items():
         if rows.get(side):
-            examples = read.map_batches(_only_side, fn_kwargs={"side": side}, batch_format="pyarrow", batch_size=None).take(3)
+            examples = read.map_batches(_side, fn_kwargs={"side": side}, batch_format="pyarrow", batch_size=None).take(3)
             skipped.add(reason, [row["uri"] for row in examples], rows[side])
-    listed = read.map_batches(_only_side, fn_kwargs={"side": _LISTED}, batch_format="pyarrow", batch_size=None)
+    listed = read.map_batches(_side, fn_kwargs={"side": _LISTED}, batch_format="pyarrow", batch_size=None)
     sides = [listed]
+    unreadable: list[str] = []
     if committed_files:
-        sides.append(_paths(committed_files).map_batches(
+        read = _paths(committed_files).map_batches(
             _read_committed, fn_kwargs={"fs": output_fs}, batch_format="pyarrow", batch_size=None
-        ).materialize())  # fmt: skip
+        ).materialize()  # fmt: skip
+        # A few rows at most; the anti-join takes only the listed and the done sides.
+        unreadable = [row["uri"] for row in read.map_batches(
+            _side, fn_kwargs={"side": _UNREADABLE}, batch_format="pyarrow", batch_size=None
+        ).take_all()]  # fmt: skip
+        sides.append(read)
     groups = _groups(sum(side.count() for side in sides), JOIN_GROUP_ROWS)
-    committed = sides[1].count() if committed_files else 0
+    committed = sides[1].count() - len(unreadable) if committed_files else 0
     joined = (
         union(sides)
         .map_batches(_with_bucket, fn_kwargs={"buckets": groups}, batch_format="pyarrow", batch_size=None)
@@ -471,7 +498,8 @@ def _plan(inventory: Inventory, committed_files: list[str], output_fs: fsspec.Ab
     duplicates = rows.get(_LISTED, 0) - unique
     if duplicates:
         skipped.add("duplicate", [], duplicates)
-    return InventoryPlan(unique, InventoryImages(new, new_count), removed_count, examples, sum(rows.values()), skipped)
+    why = [(path, _why_unreadable(output_fs, path)) for path in unreadable]
+    return InventoryPlan(unique, InventoryImages(new, new_count), removed_count, examples, sum(rows.values()), skipped, why)
 
 
 def _inventory_error(exc: BaseException | None) -> InventoryError | None:

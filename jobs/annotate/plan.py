@@ -4,7 +4,7 @@ inventory, planned in Ray Data), the shards to redo, and the shard rows the acto
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -19,12 +19,13 @@ from schemas.annotation import SCHEMA_VERSION
 from .._cluster import init_ray
 from .._config import config_dict
 from .._exit import JobError
-from .._inputs import SkipCounts, list_input
+from .._inputs import Listing, SkipCounts, list_input
 from .._model import ModelIdentity, resolve_model_identity
 from .config import AnnotateConfig
 from .digests import DigestSet, uri_digests
-from .inventory import open_inventory, plan_inventory, union
-from .output import OutputListing, OutputStore, settings_fingerprint
+from .inventory import Inventory, open_inventory, plan_inventory, union
+from .lease import RunLease
+from .output import OutputListing, OutputStore, UnreadableShard, settings_fingerprint
 from .shards import Shard, make_shards, shard_table
 
 if TYPE_CHECKING:
@@ -66,7 +67,8 @@ class Plan:
     committed shards to redo for their storage errors (id -> their URIs), ``removed`` the count
     of committed URIs the input no longer has (reported, kept; ``removed_examples`` up to 3 of
     them), ``inputs`` every input the output holds results of, ``todo`` the count of shards to
-    do once they are cut.
+    do once they are cut. ``lease`` is the run's hold on the output (released by the job at its
+    end), ``quarantined`` the files moved out of ``annotations/``.
     """
 
     store: OutputStore
@@ -82,6 +84,8 @@ class Plan:
     skipped: SkipCounts = field(default_factory=SkipCounts)
     inputs: list[str] = field(default_factory=list)
     todo: int = 0
+    lease: RunLease | None = None
+    quarantined: list[str] = field(default_factory=list)
 
 
 def output_settings(config: AnnotateConfig, model: ModelIdentity) -> dict:
@@ -109,8 +113,10 @@ INPUTS = "inputs"
 """The key of ``_dataset.json`` listing the inputs (canonical ``--input`` URIs) the output holds results of."""
 
 
-def check_settings(output: str, stored: dict, settings: dict) -> None:
-    """Refuse an output whose ``_dataset.json`` holds ``stored`` settings other than this run's."""
+def check_settings(output: str, stored: dict | None, settings: dict) -> None:
+    """Refuse an output whose ``_dataset.json`` holds ``stored`` settings (None: none yet) other than this run's."""
+    if stored is None:
+        return
     changed = sorted(k for k in comparable(settings).keys() | comparable(stored).keys() if stored.get(k) != settings.get(k))
     if changed:
         differences = "; ".join(f"{k}: {stored.get(k)!r} in the output, {settings.get(k)!r} requested" for k in changed)
@@ -135,12 +141,14 @@ def check_input(output: str, stored: dict, input_uri: str, add: bool) -> list[st
 
 def prepare(config: AnnotateConfig, run_id: str) -> Plan:
     """Every job-level check, then the plan: on the driver from a listing, or in Ray Data from
-    an inventory (``--inventory``; its files are checked before any Ray work).
+    an inventory (``--inventory``; its files are checked before any Ray work). The plan holds
+    the output's lease (:class:`RunLease`): a run that finds another one annotating the output
+    says so and waits for it.
 
     Raises :class:`JobError` with a message naming the problem: bad settings, a checkpoint that
     cannot be found, an input that cannot be listed, an inventory that cannot be read, an output
     that cannot be written, or an output written with other settings (by an earlier run, by a
-    concurrent one, or found in a shard's own name).
+    concurrent one, or found in a shard's own name). A refused run writes nothing.
     """
     check_config(config)
     model, _ = resolve_model_identity(config.detector, config.s3)
@@ -148,29 +156,19 @@ def prepare(config: AnnotateConfig, run_id: str) -> Plan:
     store.check_writable()
     inventory = open_inventory(config.inventory, config.input, config.s3) if config.inventory else None
     named = None if inventory else list_input(config.input, config.s3)
-    if config.overwrite:
-        store.clear()
     settings = output_settings(config, model)
-    listing, inputs, stored = claim_output(store, settings, config)
-    # What is already annotated comes from the output itself (its uri column), so a grown input
-    # gets only its new objects annotated, in new shards, and no URI is ever annotated twice.
-    new: NewImages
-    if inventory is not None:
-        init_ray(config.ray_address)
-        found = plan_inventory(inventory, [store.shard_path(s, fp) for s, fp in sorted(listing.committed.items())], store.fs)
-        listed, new, removed, examples = found.listed, found.new, found.removed, found.removed_examples
-        objects, skipped = found.objects, found.skipped
-    else:
-        assert named is not None
-        listed, objects, skipped = len(named.uris), named.objects, named.skipped
-        new, removed, examples = split_listing(named.uris, store, listing.committed)
-        del named  # the new ones are what the run keeps
-    retry_ids = sorted(listing.retry & listing.committed.keys())
-    retry = {shard: store.read_uris({shard: listing.committed[shard]}).to_pylist() for shard in retry_ids}
-    if stored is not None and inputs != stored.get(INPUTS):
-        store.write_json(OutputStore.DATASET, {**stored, INPUTS: inputs})
-    store.write_json(f"_runs/{run_id}/config.json", {"run_id": run_id, **config_dict(config)})
-    return Plan(store, listed, len(listing.committed), new, retry, removed, examples, settings, model, objects, skipped, inputs)
+    if not config.overwrite:
+        # At once, rather than after waiting for a run of other settings to end (checked again below).
+        check_settings(config.output, store.read_json(OutputStore.DATASET), settings)
+    try:
+        lease = RunLease.acquire(store, run_id, config.lease_seconds)
+    except Exception as exc:
+        raise JobError(f"output {config.output}: cannot take its lease ({type(exc).__name__}: {exc})") from exc
+    try:
+        return _plan_holding(config, run_id, store, lease, inventory, named, settings, model)
+    except BaseException:
+        lease.release()
+        raise
 
 
 def check_config(config: AnnotateConfig) -> None:
@@ -184,6 +182,8 @@ def check_config(config: AnnotateConfig) -> None:
         raise JobError(
             "--images-per-shard, --read-attempts, --shard-attempts, --max-bytes, --decode-window-mb and --decode-threads must be >= 1"
         )
+    if not config.lease_seconds > 0:
+        raise JobError(f"--lease-seconds must be > 0, got {config.lease_seconds}")
     if config.crops and not (MIN_CROP_SIZE <= config.crops <= MAX_CROP_SIZE):
         raise JobError(f"--crops must be 0 (no crops) or a side in [{MIN_CROP_SIZE}, {MAX_CROP_SIZE}] px, got {config.crops}")
     if config.crop_min_size < 0 or not 0 <= config.crop_min_quality <= 1:
@@ -192,35 +192,119 @@ def check_config(config: AnnotateConfig) -> None:
         )
 
 
-def claim_output(store: OutputStore, settings: dict, config: AnnotateConfig) -> tuple[OutputListing, list[str], dict | None]:
-    """The listing of ``store`` (``--output``), once its ``_dataset.json`` and every committed
-    shard are known to be made with ``settings`` from this input (or ``--add-input``); the
-    output's inputs with this one; and the ``_dataset.json`` found (None if this run made it).
-    :class:`JobError` naming the difference otherwise."""
-    output = config.output
-    input_uri = redact(canonical_uri(config.input, config.s3))
-    inputs, stored = [input_uri], None
-    # The first run to create _dataset.json owns the output; a concurrent run that lost the race
-    # reads the winner's settings here and is refused below if they differ.
-    if not store.create_json(OutputStore.DATASET, {**settings, INPUTS: inputs}):
-        stored = store.read_json(OutputStore.DATASET) or {}
-        check_settings(output, stored, settings)
-        inputs = check_input(output, stored, input_uri, config.add_input)
+def _plan_holding(
+    config: AnnotateConfig,
+    run_id: str,
+    store: OutputStore,
+    lease: RunLease,
+    inventory: Inventory | None,
+    named: Listing | None,
+    settings: dict,
+    model: ModelIdentity,
+) -> Plan:
+    """:func:`prepare` once the run holds the output: nothing is written before every check passed."""
+    if config.overwrite:
+        store.clear()
     listing = store.listing()
-    fingerprint = settings_fingerprint(comparable(settings))
-    mixed = {shard: fp for shard, fp in listing.committed.items() if fp != fingerprint}
-    if mixed:
-        shard, fp = next(iter(sorted(mixed.items())))
-        found = store.read_settings(shard, fp)
-        raise JobError(
-            f"output {output} holds {len(mixed)} committed shards made with other settings than "
-            f"_dataset.json says (e.g. shard {shard}: {found or 'written by an older version'}); "
-            "use --overwrite to start over, or another --output"
-        )
+    stored = store.read_json(OutputStore.DATASET)
+    input_uri = redact(canonical_uri(config.input, config.s3))
+    inputs = [input_uri]
+    if stored is not None:
+        check_settings(config.output, stored, settings)
+        inputs = check_input(config.output, stored, input_uri, config.add_input)
+    check_shards(config.output, store, settings, listing.committed)
+    # The first run whose settings pass owns the output; a writer that holds no lease (an older
+    # version of the job) may have created it meanwhile, and is compared with once more.
+    if stored is None and not store.create_json(OutputStore.DATASET, {**settings, INPUTS: inputs}):
+        stored = store.read_json(OutputStore.DATASET) or {}
+        check_settings(config.output, stored, settings)
+        inputs = check_input(config.output, stored, input_uri, config.add_input)
+    quarantined = clean_up(store, listing, run_id)
     # Crops objects of shards that never committed (their attempt died between the two writes) are
     # no part of the output; a redo of the same shard would replace them, another cut would not.
     store.remove_crops(listing.orphan_crops())
-    return listing, inputs, stored
+    committed = dict(listing.committed)
+    # What is already annotated comes from the output itself (its uri column), so a grown input
+    # gets only its new objects annotated, in new shards, and no URI is ever annotated twice.
+    new: NewImages
+    if inventory is not None:
+        init_ray(config.ray_address)
+        paths = {store.shard_path(s, fp): s for s, fp in sorted(committed.items())}
+        found = plan_inventory(inventory, list(paths), store.fs)
+        for path, why in found.unreadable:
+            quarantined.append(quarantine(store, path, why, run_id, "its images are annotated again"))
+            del committed[paths[path]]
+        listed, new, removed, examples = found.listed, found.new, found.removed, found.removed_examples
+        objects, skipped = found.objects, found.skipped
+    else:
+        assert named is not None
+        listed, objects, skipped = len(named.uris), named.objects, named.skipped
+        new, removed, examples = split_listing(named.uris, readable_uris(store, committed, run_id, quarantined))
+        del named  # the new ones are what the run keeps
+    retry_ids = sorted(listing.retry & committed.keys())
+    retry = {shard: store.read_uris({shard: committed[shard]}).to_pylist() for shard in retry_ids}
+    if stored is not None and inputs != stored.get(INPUTS):
+        store.write_json(OutputStore.DATASET, {**stored, INPUTS: inputs})
+    store.write_json(f"_runs/{run_id}/config.json", {"run_id": run_id, **config_dict(config)})
+    return Plan(
+        store, listed, len(committed), new, retry, removed, examples, settings, model, objects, skipped, inputs,
+        lease=lease, quarantined=quarantined,
+    )  # fmt: skip
+
+
+
+
+def check_shards(output: str, store: OutputStore, settings: dict, committed: dict[str, str]) -> None:
+    """Refuse an output holding committed shards whose names say other settings than ``settings``."""
+    fingerprint = settings_fingerprint(comparable(settings))
+    mixed = {shard: fp for shard, fp in committed.items() if fp != fingerprint}
+    if not mixed:
+        return
+    shard, fp = next(iter(sorted(mixed.items())))
+    try:
+        found = store.read_settings(shard, fp) or "written by an older version"
+    except Exception as exc:
+        found = f"not readable ({type(exc).__name__}: {exc})"
+    raise JobError(
+        f"output {output} holds {len(mixed)} committed shards made with other settings than this run's "
+        f"(e.g. shard {shard}: {found}); use --overwrite to start over, or another --output"
+    )
+
+
+def clean_up(store: OutputStore, listing: OutputListing, run_id: str) -> list[str]:
+    """Remove the temporary files of writes that never completed (the run holds the output, so no
+    write of another run is under way) and quarantine the files under ``annotations/`` that are
+    not shard objects (dataset readers would fail on them); returns the quarantined URIs."""
+    for path in listing.temporaries:
+        store.fs.rm_file(path)
+    if listing.temporaries:
+        print(
+            f"annotate: removed {len(listing.temporaries)} temporary files of writes that never completed "
+            f"(e.g. {store.describe(listing.temporaries[0])})",
+            flush=True,
+        )
+    return [
+        quarantine(store, path, "not a shard object of this job", run_id, "readers of annotations/ would fail on it")
+        for path in listing.foreign
+    ]
+
+
+def quarantine(store: OutputStore, path: str, why: str, run_id: str, consequence: str) -> str:
+    """Move ``path`` under ``_quarantine/<run_id>/``, saying so; returns its URI before the move."""
+    where = store.quarantine(path, run_id)
+    print(f"annotate: warning: {store.describe(path)}: {why}; moved to {where}, kept for inspection; {consequence}", flush=True)
+    return store.describe(path)
+
+
+def readable_uris(store: OutputStore, committed: dict[str, str], run_id: str, quarantined: list[str]) -> Iterator[pa.Array]:
+    """The ``uri`` column of each committed shard; a shard object that is not readable is
+    quarantined and dropped from ``committed`` (its URIs are then new, and annotated again)."""
+    for shard, fp, uris in store.shard_uris(dict(committed)):
+        if isinstance(uris, UnreadableShard):
+            quarantined.append(quarantine(store, store.shard_path(shard, fp), str(uris), run_id, "its images are annotated again"))
+            del committed[shard]
+        else:
+            yield uris
 
 
 # Committed URIs looked up at once: enough that the sorted queries walk the listing's digests
@@ -228,9 +312,10 @@ def claim_output(store: OutputStore, settings: dict, config: AnnotateConfig) -> 
 LOOKUP_ROWS = 1 << 18
 
 
-def split_listing(uris: pa.ChunkedArray, store: OutputStore, committed: dict[str, str]) -> tuple[ListedImages, int, list[str]]:
+def split_listing(uris: pa.ChunkedArray, committed: Iterable[pa.Array]) -> tuple[ListedImages, int, list[str]]:
     """The listed URIs (each once) that no committed shard holds, and how many committed URIs
-    are no longer listed, with up to 3 of them.
+    are no longer listed, with up to 3 of them; ``committed`` are the ``uri`` columns of the
+    committed shards (:meth:`OutputStore.uri_batches`, :func:`readable_uris`).
 
     Compared by digest (:class:`DigestSet`): the listing's digests are kept (24 B per URI, 40
     at the peak while they are sorted) and the committed ``uri`` columns are streamed past them
@@ -241,7 +326,7 @@ def split_listing(uris: pa.ChunkedArray, store: OutputStore, committed: dict[str
     listed = DigestSet(uri_digests(uris))
     annotated = np.zeros(len(uris), bool)
     removed, examples = 0, list[str]()
-    for done, digests in _lookup_rounds(store.uri_batches(committed)):
+    for done, digests in _lookup_rounds(committed):
         found = listed.find(digests)
         annotated[found[found >= 0]] = True
         missing = found < 0
@@ -252,7 +337,7 @@ def split_listing(uris: pa.ChunkedArray, store: OutputStore, committed: dict[str
     return ListedImages(new), removed, examples
 
 
-def _lookup_rounds(batches: Iterator[pa.Array]) -> Iterator[tuple[pa.ChunkedArray, np.ndarray]]:
+def _lookup_rounds(batches: Iterable[pa.Array]) -> Iterator[tuple[pa.ChunkedArray, np.ndarray]]:
     """``batches`` of URIs regrouped into rounds of about ``LOOKUP_ROWS``, with their digests."""
     held: list[pa.Array] = []
     digests: list[np.ndarray] = []

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 def shard_summary(shard_id: str, images: list[FetchedImage], stats: BatchStats | None = None) -> dict[str, Any]:
-    """A shard's summary row; ``error`` is set by the caller for a shard that did not commit.
+    """A shard's summary row; ``error`` is set by the caller for a shard that did not commit,
+    ``skipped`` for one not started because the run stopped (interrupted, or its lease lost).
 
     ``passes`` .. ``content_pixels`` are the shard's forward passes (:class:`BatchStats`)."""
     errors = Counter(item.error_kind for item in images if item.error_kind)
@@ -31,6 +32,7 @@ def shard_summary(shard_id: str, images: list[FetchedImage], stats: BatchStats |
         "retryable_errors": sum(errors[kind] for kind in RETRYABLE_KINDS),
         "seconds": 0.0,
         "error": "",
+        "skipped": False,
         "passes": stats.passes,
         "detected": stats.images,
         "slots": stats.slots,
@@ -39,10 +41,15 @@ def shard_summary(shard_id: str, images: list[FetchedImage], stats: BatchStats |
     }
 
 
-def summarise(run_id: str, plan: Plan, results: list[dict], seconds: float) -> dict:
+def committed(results: list[dict]) -> list[dict]:
+    """The summary rows of the shards that committed (neither failed nor skipped)."""
+    return [r for r in results if not r["error"] and not r["skipped"]]
+
+
+def summarise(run_id: str, plan: Plan, results: list[dict], seconds: float, interrupted: bool = False) -> dict:
     """The run's summary: ``objects_listed`` = ``images_listed`` + the ``objects_skipped`` counts,
     ``images_listed`` = ``images_already_annotated`` + ``images_new``."""
-    done = [r for r in results if not r["error"]]
+    done = committed(results)
     images = sum(int(r["images"]) for r in done)
     kinds: Counter = Counter()
     for r in done:
@@ -75,4 +82,20 @@ def summarise(run_id: str, plan: Plan, results: list[dict], seconds: float) -> d
         "forward_passes": stats.passes,
         "batch_fill": round(stats.batch_fill, 4),
         "padding_fraction": round(stats.padding_fraction, 4),
+        **fault_summary(plan, results, interrupted),
+    }
+
+
+def fault_summary(plan: Plan, results: list[dict], interrupted: bool) -> dict[str, Any]:
+    """What stopped the run short: ``interrupted`` (SIGINT/SIGTERM), ``lease_lost_to`` (the run
+    that took the output over, if one did), ``shards_left`` (neither committed nor failed: not
+    started, or abandoned in flight; the next run does them) and ``shards_quarantined`` (files
+    moved out of ``annotations/`` before the work, by their URIs)."""
+    failed = sum(1 for r in results if r["error"])
+    lost = plan.lease.lost_to if plan.lease is not None else None
+    return {
+        "interrupted": interrupted,
+        "lease_lost_to": lost.get("run_id") if lost is not None else None,
+        "shards_left": max(0, plan.todo - len(committed(results)) - failed),
+        "shards_quarantined": plan.quarantined,
     }

@@ -44,7 +44,7 @@ from schemas.crops import CROPS_SCHEMA
 
 from .._model import ModelIdentity, load_detector
 from .crops import crop_rows
-from .output import OutputStore, parquet_bytes, settings_fingerprint
+from .output import LeaseLost, OutputStore, parquet_bytes, settings_fingerprint
 from .summary import shard_summary
 
 if TYPE_CHECKING:
@@ -65,13 +65,15 @@ def fetch(config: AnnotateConfig, uri: str, device_jpeg: bool = False) -> Fetche
     )
 
 
-def decode_shards(batch: dict[str, np.ndarray], config: AnnotateConfig) -> dict[str, np.ndarray]:
+def decode_shards(batch: dict[str, np.ndarray], config: AnnotateConfig, lease: str) -> dict[str, np.ndarray]:
     """Ray Data UDF of ``--decode tasks``: shard rows -> the same rows plus their decoded images.
 
-    ``payload`` holds the pickled list of :class:`FetchedImage` (uint8 pixels, never float).
+    ``payload`` holds the pickled list of :class:`FetchedImage` (uint8 pixels, never float);
+    empty for a shard the run no longer starts (see :meth:`OutputStore.may_start`).
     """
+    store = OutputStore(config.output, config.s3)
     uris = [[str(u) for u in shard] for shard in batch["uris"]]
-    payloads = [pickle.dumps([fetch(config, u) for u in shard], protocol=5) for shard in uris]
+    payloads = [pickle.dumps([fetch(config, u) for u in shard], protocol=5) if store.may_start(lease) else b"" for shard in uris]
     # Lists, not the object arrays of arrays Ray Data hands in: those it cannot turn back into Arrow.
     return {**batch, "uris": np.array(uris + [None], dtype=object)[:-1], "payload": np.array(payloads, dtype=object)}
 
@@ -151,9 +153,10 @@ class ShardAnnotator:
     ``--shard-attempts`` times with backoff, before it is reported failed; the other shards go on.
     """
 
-    def __init__(self, config: AnnotateConfig, run_id: str, model: ModelIdentity, settings: dict[str, Any]) -> None:
+    def __init__(self, config: AnnotateConfig, run_id: str, model: ModelIdentity, settings: dict[str, Any], lease: str) -> None:
         self.config = config
         self.run_id = run_id
+        self.lease = lease
         self.model = model
         self.metadata = file_metadata(settings)
         self.fingerprint = settings_fingerprint(settings)
@@ -175,7 +178,10 @@ class ShardAnnotator:
         return {key: np.array([s[key] for s in summaries]) for key in summaries[0]}
 
     def _shard(self, shard_id: str, uris: list[str], marked: bool, payload: bytes | None) -> dict[str, Any]:
-        """One shard row's summary: annotated and committed, tried again on failure; ``error`` set if it never committed."""
+        """One shard row's summary: annotated and committed, tried again on failure; ``error`` set if it never committed;
+        ``skipped`` if the run no longer starts shards (interrupted, or its lease lost)."""
+        if not self.store.may_start(self.lease):
+            return {**shard_summary(shard_id, []), "skipped": True}
         try:
             return with_retries(
                 lambda: self._annotate_shard(shard_id, pickle.loads(payload) if payload else self._decode_ahead(uris), marked),
@@ -246,10 +252,11 @@ class ShardAnnotator:
                     f"crops of shard {shard_id}",
                 )
             with_retries(
-                lambda: self.store.commit_shard(shard_id, self.fingerprint, data),
+                lambda: self.store.commit_shard(shard_id, self.fingerprint, data, self.lease),
                 self.config.shard_attempts,
                 self.config.retry_backoff,
                 f"commit of shard {shard_id}",
+                retry_if=lambda exc: not isinstance(exc, LeaseLost),
             )
         except Exception as exc:
             raise CommitFailed(f"{type(exc).__name__}: {exc}") from exc
