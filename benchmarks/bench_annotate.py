@@ -131,7 +131,7 @@ class RaySampler:
             self.peak = max(self.peak, total)
             time.sleep(self.interval)
 
-    def __enter__(self) -> "RaySampler":
+    def __enter__(self) -> RaySampler:
         self._thread.start()
         return self
 
@@ -164,7 +164,9 @@ def start_ray() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--mem-small", type=int, default=200, help="images of the small memory run; the large one has 10x; 0 skips the memory runs")
+    parser.add_argument(
+        "--mem-small", type=int, default=200, help="images of the small memory run; the large one has 10x; 0 skips the memory runs"
+    )
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the bare loop")
     parser.add_argument("--crops", type=int, default=0, help="also run the job with --crops SIZE and print the crops' cost")
     parser.add_argument("--batching", default=None, help="the job's --batching (default: the job's own default)")
@@ -222,11 +224,15 @@ def main() -> None:
             ray.shutdown()
 
         print("\n=== bench_annotate results ===")
-        print(f"cpus: {os.cpu_count()}, loop torch threads {args.torch_threads}, scale {SCALE}, batch {BATCH_SIZE}, images {loop_n}, faces {loop_faces}")
+        print(
+            f"cpus: {os.cpu_count()}, loop torch threads {args.torch_threads}, scale {SCALE}, batch {BATCH_SIZE}, images {loop_n}, faces {loop_faces}"
+        )
         print(f"bare loop : {loop_n / loop_s:7.2f} images/s (before the job {loop_before:.1f} s, after it {loop_after:.1f} s)")
         print(f"job       : {loop_n / job_s:7.2f} images/s ({job_s:.1f} s; the job's own summary: {summary['images_per_second']:.2f})")
         print(f"ratio     : {loop_s / job_s:.2f}x")
-        print(f"job batches: fill {summary['batch_fill']:.3f}, padding {summary['padding_fraction']:.1%}; faces: job {summary['faces']}, loop {loop_faces}")
+        print(
+            f"job batches: fill {summary['batch_fill']:.3f}, padding {summary['padding_fraction']:.1%}; faces: job {summary['faces']}, loop {loop_faces}"
+        )
         if args.crops:
             encoded, stored, count = crop_bytes(work / "crops")
             crop_s, worker_s = crops_summary["crop_seconds"], crops_summary["worker_seconds"]
@@ -239,7 +245,9 @@ def main() -> None:
             )
         if peaks:
             small, big = peaks[args.mem_small], peaks[large]
-            print(f"peak RSS of Ray processes: {args.mem_small} images {small / 2**20:.0f} MiB, {large} images {big / 2**20:.0f} MiB, growth {100 * (big / small - 1):+.1f} %")
+            print(
+                f"peak RSS of Ray processes: {args.mem_small} images {small / 2**20:.0f} MiB, {large} images {big / 2**20:.0f} MiB, growth {100 * (big / small - 1):+.1f} %"
+            )
     finally:
         moto.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -54,8 +54,7 @@ def main() -> None:
         raise SystemExit(f"no photos under {SHARED}; set RETINAFACE_SHARED")
     encoded = [p.read_bytes() for p in photos]
     size = args.size
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"{len(photos)} photos, {size}x{size}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {len(photos)} photos, {size}x{size}")
 
     cursor = iter(range(10**9))
 
@@ -89,6 +88,7 @@ def main() -> None:
     for label, detector in detectors.items():
         for source in ("arrays", "JPEG"):
             for batch in (1, 8):
+
                 def full() -> int:
                     start = next(cursor)
                     if source == "JPEG":
@@ -97,17 +97,19 @@ def main() -> None:
                         images = [decoded[(start + i) % len(decoded)] for i in range(batch)]
                     detector.detect(images)
                     return batch
+
                 figure = rate(full, args.seconds)
-                print(f"detect {source:<6} square:{size} batch {batch} {label:<19} {figure:7.1f} img/s   "
-                      f"({figure / eager_rate:.2f}x eager forward)")
+                print(
+                    f"detect {source:<6} square:{size} batch {batch} {label:<19} {figure:7.1f} img/s   "
+                    f"({figure / eager_rate:.2f}x eager forward)"
+                )
 
     selfie = (SHARED / "images/crowd_selfie.jpg").read_bytes()
     original = Detector(loaded, scale="original", score_threshold=0.02)
     image = cv2.imdecode(np.frombuffer(selfie, np.uint8), cv2.IMREAD_COLOR)
     faces = len(original.detect(image)[0])
     figure = rate(lambda: (original.detect(decode_image(selfie, "selfie")), 1)[1], args.seconds)
-    print(f"detect original {image.shape[1]}x{image.shape[0]} crowd_selfie    {figure:7.1f} img/s   "
-          f"({faces} detections at score > 0.02)")
+    print(f"detect original {image.shape[1]}x{image.shape[0]} crowd_selfie    {figure:7.1f} img/s   ({faces} detections at score > 0.02)")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ def make_dataset(root: Path) -> Path:
     """``root/val``: images/EVENT linked to ``../shared`` and the official boxes of those images."""
     images = SHARED / "widerface" / "val" / "images"
     names = sorted(str(p.relative_to(images)) for p in images.glob("*/*.jpg"))
-    annotations = {a.name: a for a in read_bbx_gt(str(SHARED / "widerface" / "ground_truth" / "wider_face_val_bbx_gt.txt"), degenerate="drop")}
+    annotations = {
+        a.name: a for a in read_bbx_gt(str(SHARED / "widerface" / "ground_truth" / "wider_face_val_bbx_gt.txt"), degenerate="drop")
+    }
     val = root / "val"
     (val / "images").mkdir(parents=True)
     for event in sorted({name.split("/")[0] for name in names}):

@@ -103,8 +103,8 @@ def inventory_child(planner: str, inventory: str, output: str) -> dict:
     """Plan the ``uri`` inventory at ``inventory`` (a folder; ``inventory``.parquet: the same
     URIs as one file) against the shards committed under ``output``, with the Ray or the
     driver planner; peak RSS growth of this (driver) process."""
-    from jobs.annotate.inventory import open_inventory, plan_inventory
     from jobs._inputs import list_input
+    from jobs.annotate.inventory import open_inventory, plan_inventory
     from jobs.annotate.output import OutputStore
     from jobs.annotate.plan import split_listing
 
@@ -208,11 +208,13 @@ def read_cost(rows: int, work: Path) -> dict:
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(0)
-    table = pa.table({
-        "uri": [f"s3://bucket/photos/{i:09d}.jpg" for i in range(rows)],
-        "num_faces": rng.integers(0, 20, rows).astype(np.int32),
-        "score": rng.random(rows).astype(np.float32),
-    })
+    table = pa.table(
+        {
+            "uri": [f"s3://bucket/photos/{i:09d}.jpg" for i in range(rows)],
+            "num_faces": rng.integers(0, 20, rows).astype(np.int32),
+            "score": rng.random(rows).astype(np.float32),
+        }
+    )
     figures = {}
     for per_file in (64, 1000):
         folder = work / f"rows{per_file}"
@@ -281,7 +283,9 @@ def main() -> None:
             f"{per_object_b * scale / 2**30:.2f} GiB, resume {resume_s / n * scale / 60:.0f} min and {resume_b * scale / 2**30:.2f} GiB"
         )
     for per_file, figure in reads.items():
-        print(f"read {args.read_rows} rows as {figure['files']} files of {per_file}: pyarrow {figure['pyarrow'] * 1e3:.0f} ms, duckdb count(*) {figure['duckdb'] * 1e3:.0f} ms")
+        print(
+            f"read {args.read_rows} rows as {figure['files']} files of {per_file}: pyarrow {figure['pyarrow'] * 1e3:.0f} ms, duckdb count(*) {figure['duckdb'] * 1e3:.0f} ms"
+        )
     print_inventories(inventories)
 
 

@@ -90,10 +90,7 @@ def main() -> None:
     print(f"{'loader workers':>15} {'images/s':>9} {'s/step':>7} {'waiting for data':>17}")
     for workers in args.loader_workers:
         result = measure(args.size, args.batch_size, args.steps, args.warmup, workers)
-        print(
-            f"{workers:>15} {result['images_per_second']:>9.2f} {result['seconds_per_step']:>7.2f} "
-            f"{result['data_wait_share']:>16.1%}"
-        )
+        print(f"{workers:>15} {result['images_per_second']:>9.2f} {result['seconds_per_step']:>7.2f} {result['data_wait_share']:>16.1%}")
 
 
 if __name__ == "__main__":

@@ -131,9 +131,7 @@ def main() -> None:
     print(f"{weights.name} (sha256 {weights.sha256[:12]}), base scale {args.scale}, {len(images)} WIDER val images, subset mode\n")
     detectors, aps = [], []
     for setting in args.tta:
-        detector = Detector(
-            weights, scale=args.scale, score_threshold=0.02, top_k=5000, nms_iou=0.4, keep_top_k=750, tta=setting
-        )
+        detector = Detector(weights, scale=args.scale, score_threshold=0.02, top_k=5000, nms_iou=0.4, keep_top_k=750, tta=setting)
         detectors.append(detector)
         aps.append(evaluate(predict(detector, images), gt, subset=True).ap)  # also the warm-up
     print("| TTA | views/image | Easy | Medium | Hard | img/s |")

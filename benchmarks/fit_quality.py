@@ -65,7 +65,9 @@ def pairs(attributes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(good_index), np.concatenate(bad_index), np.concatenate(weights)
 
 
-def _logistic(w0: np.ndarray, design: np.ndarray, targets: np.ndarray, weights: np.ndarray, penalty: np.ndarray, bounds: list) -> np.ndarray:
+def _logistic(
+    w0: np.ndarray, design: np.ndarray, targets: np.ndarray, weights: np.ndarray, penalty: np.ndarray, bounds: list
+) -> np.ndarray:
     """argmin of sum weights * log-loss(design @ p, targets) + 0.5 * sum penalty * p^2, by L-BFGS-B."""
 
     def loss(p: np.ndarray) -> tuple[float, np.ndarray]:
@@ -151,9 +153,7 @@ def select_l2(features: np.ndarray, faces: LabelledFaces, folds: int) -> tuple[f
     The worst label rather than the mean: one composite must serve every label, and a mean lets
     a label the score already handles well buy off one it fails.
     """
-    margins = {
-        l2: worst_margin(cross_validated(features, faces.attributes, faces.image, l2, folds), faces) for l2 in L2_GRID
-    }
+    margins = {l2: worst_margin(cross_validated(features, faces.attributes, faces.image, l2, folds), faces) for l2 in L2_GRID}
     return max(margins, key=lambda l2: (margins[l2], l2)), margins
 
 
@@ -182,7 +182,9 @@ def main() -> None:
     folds = args.folds or len(faces.names)
     features = features_of(faces)
     l2, scores = select_l2(features, faces, folds)
-    print(f"{len(faces.scores)} faces of {len(faces.names)} images; held-out worst margin over the AUC targets per L2 ({folds} folds by image):")
+    print(
+        f"{len(faces.scores)} faces of {len(faces.names)} images; held-out worst margin over the AUC targets per L2 ({folds} folds by image):"
+    )
     print("  " + ", ".join(f"{k:g}: {v:.3f}" for k, v in scores.items()) + f" -> L2 = {l2:g}")
     held_out = cross_validated(features, faces.attributes, faces.image, l2, folds)
     model = fit(features, faces.attributes, l2)

@@ -240,7 +240,7 @@ def compare(shared: Path, threads: int, repeats: int) -> None:
         ("reference (numpy/OpenCV, per image)", old),
         ("face_quality (torch, per image)", new),
         (f"quality_features (torch, one batch of {len(shared_photos)})", batched),
-        ("for scale: Detector(scale=\"long:640\").detect, per image", detect),
+        ('for scale: Detector(scale="long:640").detect, per image', detect),
     ):
         wall, cpu = ms_per_image(run, shared_photos, repeats)
         print(f"| {label} | {wall:.2f} | {cpu:.2f} |")

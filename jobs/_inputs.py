@@ -222,9 +222,7 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _CANONICAL = r"^s3://[^/]+/.|^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+$"
 
 
-def _read_manifest(
-    fs: fsspec.AbstractFileSystem, path: str, uri: str, options: StorageOptions | None, skipped: SkipCounts
-) -> pa.Array:
+def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str, options: StorageOptions | None, skipped: SkipCounts) -> pa.Array:
     """The manifest's images: canonical, unique URIs; the rest counted in ``skipped``."""
     entries, invalid = _manifest_entries(fs, path, uri)
     folder = os.path.dirname(path) if isinstance(fs, LocalFileSystem) else full_uri(fs, posixpath.dirname(path))

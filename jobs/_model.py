@@ -43,7 +43,7 @@ def resolve_model_identity(settings: DetectorSettings, storage: StorageOptions) 
     except (CheckpointError, RegistryError, OSError) as exc:
         raise JobError(f"model not available: {exc}") from exc
     # A registry's files are all called model.pth: the registry and version name the model.
-    name = version_label(checkpoint, version) if version else weights.name
+    name = version_label(checkpoint, version) if version and checkpoint else weights.name
     return ModelIdentity(checkpoint, version, name, weights.sha256), weights
 
 

@@ -78,10 +78,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("images", nargs="+", help="image paths or fsspec URIs")
     add_flags(parser, DetectSettings)
-    parser.add_argument("--threshold", dest="score_threshold", type=float, default=argparse.SUPPRESS, action=_Deprecated,
-                        new="--score-threshold", metavar="T", help="deprecated name of --score-threshold")
-    parser.add_argument("--config", dest="model_config", default=argparse.SUPPRESS, action=_Deprecated,
-                        new="--model-config", metavar="NAME", help="deprecated name of --model-config")
+    parser.add_argument(
+        "--threshold",
+        dest="score_threshold",
+        type=float,
+        default=argparse.SUPPRESS,
+        action=_Deprecated,
+        new="--score-threshold",
+        metavar="T",
+        help="deprecated name of --score-threshold",
+    )
+    parser.add_argument(
+        "--config",
+        dest="model_config",
+        default=argparse.SUPPRESS,
+        action=_Deprecated,
+        new="--model-config",
+        metavar="NAME",
+        help="deprecated name of --model-config",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--draw", metavar="OUT_DIR", type=Path, help="write annotated copies here")

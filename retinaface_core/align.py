@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .postprocessing import Detections
-from .preprocessing import InvalidImageError, validate_image
+from .preprocessing import Image, InvalidImageError, validate_image
 
 ARCFACE_TEMPLATE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
@@ -60,7 +60,6 @@ SAMPLE_PIXELS = 64 * 112 * 112
 """Crop pixels sampled by one ``grid_sample`` call (64 faces at 112 px, at least one face): bounds
 its grid and output, SAMPLE_PIXELS x 2 and x 3 floats."""
 
-Image = np.ndarray | Tensor
 Landmarks = np.ndarray | Tensor | Detections
 
 
@@ -197,7 +196,7 @@ def align_faces(
     for landmarks that are not (F, 5, 2) finite numbers or an image index out of range.
     """
     single = isinstance(images, (np.ndarray, Tensor))
-    batch = [images] if single else list(images)
+    batch: list[Image] = [images] if isinstance(images, (np.ndarray, Tensor)) else list(images)
     as_numpy = all(isinstance(image, np.ndarray) for image in batch)
     target = torch.device(device) if device is not None else _default_device(batch)
     pixels = [_image_tensor(image, k).to(target) for k, image in enumerate(batch)]
@@ -248,7 +247,7 @@ def _landmarks_and_index(
     """All faces' landmarks (F, 5, 2) float32 and their image indices (F,) int64, on the CPU
     unless given as tensors elsewhere."""
     if single or image_index is not None:
-        landmarks = _landmark_tensor(faces, 0)
+        landmarks = _landmark_tensor(faces, 0)  # type: ignore[arg-type]  # one image's faces, or all faces with their index
         index = torch.zeros(len(landmarks), dtype=torch.int64) if single else torch.as_tensor(np.asarray(image_index), dtype=torch.int64)
         if index.shape != (len(landmarks),):
             raise ValueError(f"image_index must have one entry per face ({len(landmarks)}), got shape {tuple(index.shape)}")

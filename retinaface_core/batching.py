@@ -105,7 +105,7 @@ def plan_batches(
     if policy == "exact":
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, shape in enumerate(shapes):
-            by_shape.setdefault(tuple(shape), []).append(i)
+            by_shape.setdefault((shape[0], shape[1]), []).append(i)
         return [
             PlannedBatch(indices[start : start + batch_size], shape)
             for shape, indices in by_shape.items()

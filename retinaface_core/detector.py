@@ -7,14 +7,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from .anchors import cached_priors
-from .batching import BATCHING_POLICIES, BatchStats, canvas_ladder, ladder_canvases
+from .batching import BATCHING_POLICIES, BatchingPolicy, BatchStats, canvas_ladder, ladder_canvases
 from .model import RetinaFaceOutput, optimize_for_inference
 from .postprocessing import Candidates, Detections, FaceBatch, decode_candidates, select_faces
 from .precision import PRECISIONS, network_dtype
@@ -168,7 +168,7 @@ class Detector:
         network: nn.Module = optimize_for_inference(loaded.model, self.dtype) if optimize else loaded.model.eval()
         network = network.to(self.device, self.dtype)
         if optimize:
-            network = network.to(memory_format=torch.channels_last)
+            network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             if self.device.type == "cpu":
                 keep_freed_memory()
                 bound_kernel_caches()
@@ -271,7 +271,8 @@ class Detector:
         if self.device.type != "cpu":
             # Resizing is per-pixel work: the device does it, from the original pixels.
             images = [torch.from_numpy(i).to(self.device) if isinstance(i, np.ndarray) else i for i in images]
-        return group_batch(images, scale, s.pad_multiple, self.config.mean_bgr, s.batching, batch_size, False, self._fixed_batch)
+        policy = cast(BatchingPolicy, s.batching)
+        return group_batch(images, scale, s.pad_multiple, self.config.mean_bgr, policy, batch_size, False, self._fixed_batch)
 
     def candidates(self, group: InputGroup, capacity: int | None = None) -> Candidates:
         """The ``top_k`` best anchors above the score threshold of every image of ``group``, decoded

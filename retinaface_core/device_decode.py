@@ -139,13 +139,8 @@ def decode_fetched(items: Sequence[FetchedImage], device: torch.device, max_pixe
     if not waiting:
         return
     start = time.perf_counter()
-    decoded = decode_jpegs(
-        [item.encoded for item in waiting],
-        [item.header for item in waiting],
-        [item.uri for item in waiting],
-        device,
-        max_pixels,  # type: ignore[misc]
-    )
+    datas = [item.encoded for item in waiting if item.encoded is not None]
+    decoded = decode_jpegs(datas, [item.header for item in waiting], [item.uri for item in waiting], device, max_pixels)
     share = (time.perf_counter() - start) * 1e3 / len(waiting)
     for item, result in zip(waiting, decoded):
         if isinstance(result, ImageDecodeError):

@@ -110,7 +110,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         option = "--" + flag.name.replace("_", "-")
         if flag.field.metadata.get("positional"):
             parser.add_argument(
-                flag.name, nargs="?", type=_parser_for(type_, optional), default=argparse.SUPPRESS, metavar=flag.name.upper(), help=help_text
+                flag.name,
+                nargs="?",
+                type=_parser_for(type_, optional),
+                default=argparse.SUPPRESS,
+                metavar=flag.name.upper(),
+                help=help_text,
             )
         elif type_ is bool:
             parser.add_argument(option, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)

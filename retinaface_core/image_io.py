@@ -8,6 +8,7 @@ the image as a viewer displays it and every coordinate computed on them refers t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import time
@@ -84,7 +85,7 @@ def _set_pillow_limit(max_pixels: int) -> None:
     only ever raised: a decoder with a lower limit in the same process is never refused by
     Pillow for an image within its own limit; the highest limit used is Pillow's backstop."""
     wanted = -(-max_pixels // 2)
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < wanted:
+    if Image.MAX_IMAGE_PIXELS is not None and wanted > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = wanted
 
 
@@ -137,11 +138,10 @@ def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
             raise ImageDecodeError(f"{name}: {kind} image data ({exc})", kind) from exc
         except Exception as exc:
             raise ImageDecodeError(f"{name}: corrupt image data ({exc})", "corrupt") from exc
-        try:
-            # In place: the default returns a copy even when there is nothing to rotate.
+        # In place: the default returns a copy even when there is nothing to rotate. An unparsable
+        # EXIF block leaves the stored orientation, like most viewers.
+        with contextlib.suppress(Exception):
             ImageOps.exif_transpose(im, in_place=True)
-        except Exception:
-            pass  # an unparsable EXIF block leaves the stored orientation, like most viewers
         rgb = _to_rgb8(im)
         if rgb.width == 0 or rgb.height == 0:
             raise ImageDecodeError(f"{name}: empty image of size {rgb.width}x{rgb.height}", "corrupt")

@@ -188,7 +188,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, score_thres
     rects = np.empty((len(boxes), 4), dtype=np.float64)
     rects[:, :2] = boxes[:, :2]
     rects[:, 2:] = boxes[:, 2:] - boxes[:, :2] + 1
-    keep = cv2.dnn.NMSBoxes(rects, scores.astype(np.float32), float(score_threshold), float(iou_threshold))
+    # OpenCV's stubs ask for sequences; its binding takes arrays, without a copy.
+    keep = cv2.dnn.NMSBoxes(rects, scores.astype(np.float32), float(score_threshold), float(iou_threshold))  # type: ignore[arg-type]
     return np.asarray(keep, dtype=np.int64).reshape(-1)
 
 

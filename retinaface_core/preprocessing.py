@@ -49,7 +49,7 @@ class InputScale:
     size: int | None = None
 
     @classmethod
-    def parse(cls, text: str | "InputScale") -> "InputScale":
+    def parse(cls, text: str | InputScale) -> InputScale:
         if isinstance(text, InputScale):
             return text
         if text == "original":
@@ -71,12 +71,13 @@ class InputScale:
         """(height, width) of the image content inside the network input."""
         if self.mode == "original":
             return height, width
+        assert self.size is not None
         factor = self.size / max(height, width)
         return max(1, round(height * factor)), max(1, round(width * factor))
 
     def input_shape(self, height: int, width: int, pad_multiple: int) -> tuple[int, int]:
         """(height, width) of the padded network input for an image of the given size."""
-        if self.mode == "square":
+        if self.mode == "square" and self.size is not None:
             height = width = self.size
         else:
             height, width = self.resized_shape(height, width)
@@ -94,9 +95,7 @@ def validate_image(image: object, index: int = 0) -> Image:
     if image.dtype != np.uint8:
         raise InvalidImageError(f"image {index}: expected dtype uint8 (BGR 0..255), got {image.dtype}")
     if image.ndim != 3 or image.shape[2] != 3:
-        raise InvalidImageError(
-            f"image {index}: expected shape (H, W, 3) BGR, got {image.shape}; convert grey or BGRA with cv2.cvtColor"
-        )
+        raise InvalidImageError(f"image {index}: expected shape (H, W, 3) BGR, got {image.shape}; convert grey or BGRA with cv2.cvtColor")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise InvalidImageError(f"image {index}: empty image of shape {image.shape}")
     return image
@@ -172,12 +171,13 @@ def _stack(
     sizes = np.empty((count, 2), dtype=np.int64)
     content = 0
     for slot, i in enumerate(plan.indices):
-        h, w = int(images[i].shape[0]), int(images[i].shape[1])
+        image = images[i]
+        h, w = int(image.shape[0]), int(image.shape[1])
         rh, rw = scale.resized_shape(h, w)
-        if on_device:
-            host[slot, :rh, :rw] = resize_tensor(images[i], rh, rw)
+        if isinstance(image, Tensor):
+            host[slot, :rh, :rw] = resize_tensor(image, rh, rw)
         else:
-            _resize_into(images[i], host.numpy()[slot], rh, rw, fill)
+            _resize_into(image, host.numpy()[slot], rh, rw, fill)
         scales[slot] = (rw / w, rh / h)
         sizes[slot] = (h, w)
         content += rh * rw

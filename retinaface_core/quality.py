@@ -41,6 +41,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from importlib import resources
+from typing import Any
 
 import numpy as np
 import torch
@@ -246,18 +247,19 @@ class _Layout:
     (float64) their number.
     """
 
-    runs: np.ndarray
-    set_runs: np.ndarray
-    columns: np.ndarray
-    column_weights: np.ndarray
-    rows: np.ndarray
-    row_weights: np.ndarray
-    first_row: np.ndarray
-    valid: np.ndarray
-    cell_factor: np.ndarray
-    linear: np.ndarray
-    sample_set: np.ndarray
-    samples: np.ndarray
+    # numpy arrays as planned on the host, tensors after :meth:`to`.
+    runs: Any
+    set_runs: Any
+    columns: Any
+    column_weights: Any
+    rows: Any
+    row_weights: Any
+    first_row: Any
+    valid: Any
+    cell_factor: Any
+    linear: Any
+    sample_set: Any
+    samples: Any
     chunks: list[_Chunk]
 
     def to(self, device: torch.device) -> _Layout:

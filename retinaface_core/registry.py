@@ -82,7 +82,7 @@ class PromotionDecision(NamedTuple):
 class ResolvedModel(NamedTuple):
     """A checkpoint to load, and the registry version it is (None when not from a registry)."""
 
-    checkpoint_uri: str
+    checkpoint_uri: str | None
     version: str | None
 
 

@@ -114,9 +114,7 @@ class TTA:
         return "+".join(parts) or "none"
 
 
-def detect_with_tta(
-    images: Sequence[Image], tta: TTA, view_candidates: ViewCandidates, settings: DetectorSettings
-) -> list[Detections]:
+def detect_with_tta(images: Sequence[Image], tta: TTA, view_candidates: ViewCandidates, settings: DetectorSettings) -> list[Detections]:
     """Detection with test-time augmentation; one :class:`Detections` per image, in
     original-image pixels, one detection per face.
 
@@ -168,10 +166,10 @@ def _all_views(
     found: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in images]
     for scale in tta.scales or (InputScale.parse(settings.scale),):
         for index, (boxes, scores, landmarks) in enumerate(view_candidates(views, scale)):
-            image = index % count
+            source = index % count
             if index >= count:
-                boxes, landmarks = mirror_points(boxes, landmarks, int(images[image].shape[1]))
-            found[image].append((boxes, scores, landmarks))
+                boxes, landmarks = mirror_points(boxes, landmarks, int(images[source].shape[1]))
+            found[source].append((boxes, scores, landmarks))
     return [tuple(np.concatenate(arrays) for arrays in zip(*parts)) for parts in found]  # type: ignore[misc]
 
 

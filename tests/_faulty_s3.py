@@ -17,10 +17,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-_ERROR = (
-    b'<?xml version="1.0" encoding="UTF-8"?>\n'
-    b"<Error><Code>InternalError</Code><Message>injected fault</Message></Error>"
-)
+_ERROR = b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code><Message>injected fault</Message></Error>'
 
 
 @dataclass

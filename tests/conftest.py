@@ -30,7 +30,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_FILE = "mobilenet0.25_Final.pth"
 
 
-
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -101,7 +101,9 @@ def test_crops_match_cv2_warp_affine(photos, aligned):
         expected = cv2.warpAffine(image, matrix, (SIZE, SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         source = grid @ cv2.invertAffineTransform(matrix)[:, :2].T + cv2.invertAffineTransform(matrix)[:, 2]
         height, width = image.shape[:2]
-        inside = ((source[:, 0] >= 1) & (source[:, 0] <= width - 2) & (source[:, 1] >= 1) & (source[:, 1] <= height - 2)).reshape(SIZE, SIZE)
+        inside = ((source[:, 0] >= 1) & (source[:, 0] <= width - 2) & (source[:, 1] >= 1) & (source[:, 1] <= height - 2)).reshape(
+            SIZE, SIZE
+        )
         difference = np.abs(aligned.crops[face].astype(int) - expected.astype(int))
         if inside.any():
             assert difference[inside].mean() < 2, f"face {face}: mean difference {difference[inside].mean():.2f}"

@@ -31,14 +31,14 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from jobs._samples import broken_files, generated_images, oversized_png, shared_photos
+from jobs._config import from_values
 from jobs._exit import JobError
 from jobs._inputs import list_input
-from jobs.annotate.shards import make_shards
-from jobs._config import from_values
+from jobs._samples import broken_files, generated_images, oversized_png, shared_photos
 from jobs.annotate import AnnotateConfig, run
 from jobs.annotate.report import BACKGROUND, TILE, box_tile, tile_origins
 from jobs.annotate.report import main as report_main
+from jobs.annotate.shards import make_shards
 from retinaface_core import Detector, align_faces
 from retinaface_core.image_io import read_image
 from retinaface_core.registry import ModelRegistry
@@ -259,8 +259,10 @@ def test_model_from_the_registry_is_recorded(ray_session, bucket_input, annotate
     registry = ModelRegistry(str(tmp_path / "registry"))
     loaded = load_weights("mobilenet0.25-1mb")
     registry.register(
-        model_checkpoint_bytes(loaded.model), config={"model": loaded.config.to_dict()},
-        metrics={"val": {"data": "none", "ap": {"easy": 0.5, "medium": 0.5, "hard": 0.5}}}, train_data={},
+        model_checkpoint_bytes(loaded.model),
+        config={"model": loaded.config.to_dict()},
+        metrics={"val": {"data": "none", "ap": {"easy": 0.5, "medium": 0.5, "hard": 0.5}}},
+        train_data={},
     )
     with pytest.raises(JobError, match="no current version"):
         run(job_config(str(tmp_path / "none.txt"), str(tmp_path / "out"), model=registry.uri))
@@ -292,14 +294,10 @@ CREATE VIEW faces AS
 
 DUCKDB_QUERIES = {
     "faces_per_shard": "SELECT shard, coalesce(sum(num_faces), 0) AS faces FROM images GROUP BY shard ORDER BY shard",
-    "good_faces": (
-        "SELECT uri, face_index, score, quality FROM faces "
-        "WHERE score > 0.9 AND quality > 0.5 ORDER BY uri, face_index"
-    ),
+    "good_faces": ("SELECT uri, face_index, score, quality FROM faces WHERE score > 0.9 AND quality > 0.5 ORDER BY uri, face_index"),
     "errors": "SELECT uri, error_kind, error FROM images WHERE status = 'error' ORDER BY uri",
     "face_sizes": (
-        "SELECT CAST(pow(2, floor(log2(face_size))) AS INTEGER) AS min_px, count(*) AS faces "
-        "FROM faces GROUP BY min_px ORDER BY min_px"
+        "SELECT CAST(pow(2, floor(log2(face_size))) AS INTEGER) AS min_px, count(*) AS faces FROM faces GROUP BY min_px ORDER BY min_px"
     ),
 }
 
@@ -308,9 +306,7 @@ def pandas_queries(root: str) -> dict[str, pd.DataFrame]:
     """The same four queries in pandas (the code shown in docs/annotate.md)."""
     images = pd.read_parquet(f"{root}/annotations", partitioning=partitioning())
     nested = images[["shard", "uri", "run_id", "faces"]].explode("faces").dropna(subset=["faces"])
-    faces = pd.concat(
-        [nested[["shard", "uri", "run_id"]].reset_index(drop=True), pd.DataFrame(nested["faces"].tolist())], axis=1
-    )
+    faces = pd.concat([nested[["shard", "uri", "run_id"]].reset_index(drop=True), pd.DataFrame(nested["faces"].tolist())], axis=1)
     faces_per_shard = images.groupby("shard", as_index=False)["num_faces"].sum().rename(columns={"num_faces": "faces"})
     good = faces[(faces.score > 0.9) & (faces.quality > 0.5)]
     good_faces = good[["uri", "face_index", "score", "quality"]].sort_values(["uri", "face_index"])
@@ -391,7 +387,9 @@ def test_interrupted_run_resumes_without_recomputing(s3_server, weights_dir, sha
     ]  # fmt: skip
     env = subprocess_env(repo_root)
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen([*args, "--run-id", "first"], cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(
+        [*args, "--run-id", "first"], cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 180
         while len(committed(output)) < 3:
@@ -406,7 +404,9 @@ def test_interrupted_run_resumes_without_recomputing(s3_server, weights_dir, sha
     before = committed(output)
     assert 3 <= len(before) < total_shards, f"kill came too late: {len(before)} of {total_shards} shards"
 
-    second = subprocess.run([*args, "--run-id", "second"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    second = subprocess.run(
+        [*args, "--run-id", "second"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300, start_new_session=True
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["shards_skipped_already_committed"] == len(before)
@@ -451,7 +451,9 @@ def test_config_from_yaml_with_flag_overrides(tmp_path):
     assert config.s3.region == "eu-west-1" and config.torch_threads is None
     assert "batch_size" in format_config(config) and "detector.scale" in format_config(config)
     # The same settings grouped as the stored config.json groups them.
-    path.write_text("input: s3://b/in/\noutput: s3://b/out/\ndetector:\n  scale: long:320\n  score_threshold: 0.7\ns3: {region: eu-west-2}\n")
+    path.write_text(
+        "input: s3://b/in/\noutput: s3://b/out/\ndetector:\n  scale: long:320\n  score_threshold: 0.7\ns3: {region: eu-west-2}\n"
+    )
     config = parse_config(AnnotateConfig, ["--config", str(path), "--score-threshold", "0.8"])
     assert (config.detector.scale, config.detector.score_threshold, config.s3.region) == ("long:320", 0.8, "eu-west-2")
     with pytest.raises(SystemExit):
@@ -636,7 +638,9 @@ def test_contact_sheet_shows_the_faces_by_quality(cropped, tmp_path, capsys):
     con = duckdb.connect()
     con.execute(DUCKDB_VIEWS.format(root=root))
     con.execute(DUCKDB_CROPS_VIEW.format(root=root))
-    best = con.sql("SELECT crop FROM crops JOIN faces USING (shard, uri, run_id, face_index) ORDER BY quality DESC LIMIT 1").fetchall()[0][0]
+    best = con.sql("SELECT crop FROM crops JOIN faces USING (shard, uri, run_id, face_index) ORDER BY quality DESC LIMIT 1").fetchall()[0][
+        0
+    ]
     x, y = origins[0]
     np.testing.assert_array_equal(sheet[y : y + TILE, x : x + TILE], cv2.imdecode(np.frombuffer(best, np.uint8), cv2.IMREAD_COLOR))
     worst = con.sql("SELECT uri, x1, y1, x2, y2 FROM faces ORDER BY quality ASC LIMIT 1").fetchall()[0]

@@ -123,9 +123,11 @@ def test_optimised_network_computes_the_same_function(loaded, baseball):
     plain = Detector(loaded, optimize=False, score_threshold=0.02).detect(baseball)[0]
     fast = Detector(loaded, optimize=True, score_threshold=0.02).detect(baseball)[0]
     keep = plain.scores > 0.3
-    assert_same(Detections(plain.boxes[keep], plain.scores[keep], plain.landmarks[keep]),
-                Detections(fast.boxes[fast.scores > 0.3], fast.scores[fast.scores > 0.3], fast.landmarks[fast.scores > 0.3]),
-                atol=0.05)
+    assert_same(
+        Detections(plain.boxes[keep], plain.scores[keep], plain.landmarks[keep]),
+        Detections(fast.boxes[fast.scores > 0.3], fast.scores[fast.scores > 0.3], fast.landmarks[fast.scores > 0.3]),
+        atol=0.05,
+    )
 
 
 def test_inference_network_gives_the_raw_outputs_of_the_published_one(loaded, baseball):
@@ -189,7 +191,10 @@ def test_cli_json_and_draw(shared_dir, weights_dir, baseball, tmp_path):
     path = shared_dir / "images/crowd_baseball.jpg"
     out = subprocess.run(
         [sys.executable, "-m", "retinaface_core", str(path), "--json", "--score-threshold", "0.6", "--draw", str(tmp_path)],
-        capture_output=True, text=True, check=True, env={**os.environ, "RETINAFACE_WEIGHTS_DIR": str(weights_dir)},
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "RETINAFACE_WEIGHTS_DIR": str(weights_dir)},
     )
     record = json.loads(out.stdout.strip().splitlines()[0])
     assert (record["width"], record["height"]) == (1024, 624)
@@ -205,8 +210,12 @@ def test_cli_json_and_draw(shared_dir, weights_dir, baseball, tmp_path):
 def test_cli_reports_unreadable_images(weights_dir, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("not a picture")
-    out = subprocess.run([sys.executable, "-m", "retinaface_core", str(bad)], capture_output=True, text=True,
-                         env={**os.environ, "RETINAFACE_WEIGHTS_DIR": str(weights_dir)})
+    out = subprocess.run(
+        [sys.executable, "-m", "retinaface_core", str(bad)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RETINAFACE_WEIGHTS_DIR": str(weights_dir)},
+    )
     assert out.returncode == 1
     assert "notes.jpg" in out.stderr and "not an image" in out.stderr
 

@@ -24,7 +24,10 @@ process_group = devstack_module.group_members
 def devstack(command: str, state_dir: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(DEVSTACK), command, "--num-cpus", "2"] if command == "up" else [sys.executable, str(DEVSTACK), command],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "DEVSTACK_DIR": str(state_dir), **env},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "DEVSTACK_DIR": str(state_dir), **env},
     )
 
 
@@ -45,10 +48,16 @@ def test_devstack_up_job_down(tmp_path, shared_dir, weights_dir):
         job_env = {**os.environ, **env, "RETINAFACE_WEIGHTS_DIR": str(weights_dir)}
         job = subprocess.run(
             [sys.executable, "-m", "jobs.annotate", "--input", "s3://dev/in/", "--output", "s3://dev/out/", "--scale", "square:320"],
-            capture_output=True, text=True, timeout=300, env=job_env, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=job_env,
+            cwd=ROOT,
         )
         assert job.returncode == 0, job.stderr[-3000:]
-        s3 = pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing", secret_key="testing", region="us-east-1")
+        s3 = pyarrow.fs.S3FileSystem(
+            endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing", secret_key="testing", region="us-east-1"
+        )
         table = pads.dataset("dev/out/annotations", filesystem=s3, format="parquet", partitioning="hive").to_table()
         assert sorted(table.column("status").to_pylist()) == ["error", "ok"]
     finally:

@@ -12,11 +12,10 @@ import s3fs
 from jobs import evaluate as evaluate_job
 from retinaface_core import Detector
 from retinaface_core.evaluation import evaluate
-from retinaface_core.widerface import read_predictions
 from retinaface_core.registry import ModelRegistry
 from retinaface_core.training import model_checkpoint_bytes
 from retinaface_core.weights import load_weights
-from retinaface_core.widerface import read_ground_truth_mat
+from retinaface_core.widerface import read_ground_truth_mat, read_predictions
 
 GT_FILES = ("wider_face_val.mat", "wider_easy_val.mat", "wider_medium_val.mat", "wider_hard_val.mat")
 
@@ -49,10 +48,23 @@ def direct_evaluation(images, scale, gt_dir):
 def test_evaluate_job_matches_the_in_package_evaluation(ray_session, wider_bucket, gt_dir, scale, capsys):
     bucket, images = wider_bucket
     out = f"s3://{bucket}/eval/{scale.replace(':', '')}"
-    code = evaluate_job.main([
-        "--images", f"s3://{bucket}/val/images", "--ground-truth", f"s3://{bucket}/gt",
-        "--output", out, "--scale", scale, "--subset", "--actors", "1", "--batch-size", "4",
-    ])
+    code = evaluate_job.main(
+        [
+            "--images",
+            f"s3://{bucket}/val/images",
+            "--ground-truth",
+            f"s3://{bucket}/gt",
+            "--output",
+            out,
+            "--scale",
+            scale,
+            "--subset",
+            "--actors",
+            "1",
+            "--batch-size",
+            "4",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| easy |" in printed and "12 images" in printed
@@ -76,9 +88,16 @@ def test_images_outside_the_val_set_are_refused(ray_session, wider_bucket, share
     bucket, _ = wider_bucket
     fs = s3fs.S3FileSystem()
     fs.pipe(f"{bucket}/other/images/0--Parade/not_a_val_image.jpg", (shared_dir / "images/crowd_baseball.jpg").read_bytes())
-    code = evaluate_job.main([
-        "--images", f"s3://{bucket}/other/images", "--ground-truth", f"s3://{bucket}/gt", "--output", f"s3://{bucket}/eval/bad",
-    ])
+    code = evaluate_job.main(
+        [
+            "--images",
+            f"s3://{bucket}/other/images",
+            "--ground-truth",
+            f"s3://{bucket}/gt",
+            "--output",
+            f"s3://{bucket}/eval/bad",
+        ]
+    )
     assert code == 2
     assert "not WIDER val images" in capsys.readouterr().err
 
@@ -88,15 +107,28 @@ def test_evaluate_a_registry_version_records_it(ray_session, wider_bucket, tmp_p
     registry = ModelRegistry(str(tmp_path / "registry"))
     loaded = load_weights("mobilenet0.25-1mb")
     registry.register(
-        model_checkpoint_bytes(loaded.model), config={"model": loaded.config.to_dict()},
-        metrics={"val": {"data": "none", "ap": {"easy": 0.0, "medium": 0.0, "hard": 0.0}}}, train_data={},
+        model_checkpoint_bytes(loaded.model),
+        config={"model": loaded.config.to_dict()},
+        metrics={"val": {"data": "none", "ap": {"easy": 0.0, "medium": 0.0, "hard": 0.0}}},
+        train_data={},
     )
     assert registry.promote("v0001").promoted
     out = f"s3://{bucket}/eval/registry"
-    code = evaluate_job.main([
-        "--images", f"s3://{bucket}/val/images", "--ground-truth", f"s3://{bucket}/gt", "--output", out,
-        "--weights", registry.uri, "--scale", "long:320", "--subset",
-    ])
+    code = evaluate_job.main(
+        [
+            "--images",
+            f"s3://{bucket}/val/images",
+            "--ground-truth",
+            f"s3://{bucket}/gt",
+            "--output",
+            out,
+            "--weights",
+            registry.uri,
+            "--scale",
+            "long:320",
+            "--subset",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     report = json.loads(s3fs.S3FileSystem().cat(f"{out}/ap.json"))
     assert report["model_version"] == "v0001"

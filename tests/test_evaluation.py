@@ -33,7 +33,6 @@ from retinaface_core.widerface import (
 )
 
 
-
 @pytest.fixture(scope="module")
 def gt(gt_dir: Path) -> WiderValGroundTruth:
     return read_ground_truth_mat(str(gt_dir))
@@ -258,9 +257,7 @@ def gt_as_predictions(
 
 def single_image_gt(boxes: list[list[float]], counts: list[bool], name: str = "0--Event/img") -> WiderValGroundTruth:
     mask = np.asarray(counts, dtype=bool)
-    return WiderValGroundTruth(
-        boxes={name: np.asarray(boxes, dtype=np.float64)}, counts={level: {name: mask} for level in LEVELS}
-    )
+    return WiderValGroundTruth(boxes={name: np.asarray(boxes, dtype=np.float64)}, counts={level: {name: mask} for level in LEVELS})
 
 
 def assert_matches_reference(result: EvaluationResult, ref_aps: dict, ref_curves: dict) -> None:

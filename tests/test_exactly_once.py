@@ -34,7 +34,6 @@ from jobs._config import from_values
 from jobs._exit import ExitCode, JobError
 from jobs._samples import generated_images
 from jobs.annotate import AnnotateConfig, main, run
-from jobs.annotate.cli import EXIT_SHARDS_FAILED
 from jobs.annotate.lease import RunLease
 from jobs.annotate.output import LeaseLost, OutputStore
 from jobs.annotate.shards import make_shards
@@ -266,7 +265,7 @@ def test_store_refusing_writes_names_every_failed_shard(ray_session, s3_server, 
             "--input", source, "--output", f"s3://{bucket}/out", "--s3-endpoint-url", proxy.endpoint, "--images-per-shard", "2",
             "--scale", "long:320", "--actors", "1", "--torch-threads", "1", "--retry-backoff", "0.05", "--shard-attempts", "2",
         ]  # fmt: skip
-        assert main(argv) == EXIT_SHARDS_FAILED
+        assert main(argv) == ExitCode.SHARDS_FAILED
     printed = capsys.readouterr()
     shards = make_shards(sorted(f"{source}{name}" for name in files), 2)
     summary = last_json(printed.out)
@@ -299,7 +298,7 @@ def test_full_local_disk_gives_rc3_a_summary_and_no_temporary(photos, tmp_path, 
         start_new_session=True,
     )  # fmt: skip
     log = result.stdout + result.stderr
-    assert result.returncode == EXIT_SHARDS_FAILED, log[-4000:]
+    assert result.returncode == ExitCode.SHARDS_FAILED, log[-4000:]
     assert "No space left on device" in log
     left = [line for line in result.stdout.splitlines() if line.startswith("LEFT ")]
     assert not left, f"temporary files left behind: {left}"

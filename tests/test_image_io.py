@@ -38,7 +38,9 @@ def test_png_is_bgr(rgb):
     assert out.dtype == np.uint8 and out.flags.c_contiguous
 
 
-@pytest.mark.parametrize("orientation, expected", [(3, lambda a: a[::-1, ::-1]), (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1))])
+@pytest.mark.parametrize(
+    "orientation, expected", [(3, lambda a: a[::-1, ::-1]), (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1))]
+)
 def test_exif_orientation_applied(rgb, orientation, expected):
     exif = Image.Exif()
     exif[0x0112] = orientation

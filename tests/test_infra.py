@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from jobs._config import parse_config
@@ -46,7 +46,7 @@ def job_commands() -> list[tuple[str, str, list[str]]]:
                     words = shlex.split(line)
                     for i in range(len(words) - 2):
                         if words[i] == "python" and words[i + 1] == "-m" and words[i + 2].startswith("jobs."):
-                            found.append((name, words[i + 2], words[i + 3:]))
+                            found.append((name, words[i + 2], words[i + 3 :]))
     return found
 
 
@@ -91,7 +91,13 @@ def parse_job(module: str, argv: list[str]):
 
 def test_every_manifest_parses_and_has_a_kind_or_launcher_shape():
     found = manifests()
-    assert {"k8s/raycluster.yaml", "k8s/rayjob-annotate.yaml", "k8s/rayjob-train.yaml", "k8s/cronjob-retrain.yaml", "aws/cluster.yaml"} <= set(found)
+    assert {
+        "k8s/raycluster.yaml",
+        "k8s/rayjob-annotate.yaml",
+        "k8s/rayjob-train.yaml",
+        "k8s/cronjob-retrain.yaml",
+        "aws/cluster.yaml",
+    } <= set(found)
     for name, documents in found.items():
         for document in documents:
             assert "kind" in document or "available_node_types" in document, name
@@ -226,4 +232,4 @@ def test_dockerfiles_are_pinned_non_root_secret_free_and_install_the_project(doc
     assert not re.search(r"(?i)(aws_secret|aws_access_key|password|token|secret)\s*[=:]", text)
     assert not re.search(r"(?i)^(ENV|ARG)\s+\w*(KEY|SECRET|TOKEN|PASSWORD)", text, re.M)
     assert "COPY --chown=ray:users pyproject.toml" in text and "pip wheel --no-deps --wheel-dir /tmp/wheels ." in text
-    assert "ARG BAKE_WEIGHTS=\"\"" in text, "weights are not baked in by default"
+    assert 'ARG BAKE_WEIGHTS=""' in text, "weights are not baked in by default"

@@ -67,7 +67,7 @@ def test_a_local_folder_lists_every_name_whatever_its_bytes(tmp_path):
         uri = by_content[data]
         if name == LATIN1:
             assert uri == f"file://{urllib.parse.quote(os.fsencode(str(folder)))}/caf%E9.jpg"
-            assert os.fsdecode(urllib.parse.unquote_to_bytes(uri[len("file://"):])) == str(folder / LATIN1)
+            assert os.fsdecode(urllib.parse.unquote_to_bytes(uri[len("file://") :])) == str(folder / LATIN1)
         else:
             assert uri == str(folder / name)
 
@@ -115,8 +115,10 @@ def test_manifest_entries_are_canonical_relative_to_the_manifest_and_counted(tmp
     assert read_bytes(latin1) == (folder / LATIN1).read_bytes()
 
     # A Parquet manifest: a binary column carries names that are not UTF-8; nulls are no entries.
-    pq.write_table(pa.table({"uri": pa.array([b"a.jpg", os.fsencode(LATIN1), None, str(folder / "b.png").encode()], pa.binary())}),
-                   folder / "list.parquet")
+    pq.write_table(
+        pa.table({"uri": pa.array([b"a.jpg", os.fsencode(LATIN1), None, str(folder / "b.png").encode()], pa.binary())}),
+        folder / "list.parquet",
+    )
     listing = list_input(str(folder / "list.parquet"))
     assert listing.uris.to_pylist() == sorted([str(folder / "a.jpg"), str(folder / "b.png"), latin1])
     assert listing.skipped.total() == 0

@@ -51,7 +51,9 @@ def write_s3_inventory(bucket: str, keys: list[str], file_format: str, files: in
         "version": "2016-11-30",
         "creationTimestamp": "1764547200000",
         "fileFormat": file_format,
-        "fileSchema": "Bucket, Key, Size, LastModifiedDate" if file_format == "CSV" else "message s3.inventory { required binary bucket (UTF8); required binary key (UTF8); optional int64 size; }",
+        "fileSchema": "Bucket, Key, Size, LastModifiedDate"
+        if file_format == "CSV"
+        else "message s3.inventory { required binary bucket (UTF8); required binary key (UTF8); optional int64 size; }",
         "files": entries,
     }
     fs.pipe_file(f"{bucket}/{run_folder}/manifest.json", json.dumps(manifest).encode())
@@ -140,11 +142,17 @@ def test_malformed_inventories_are_one_error_line(ray_session, make_bucket, tmp_
     # A data file whose first rows are right and a later one is not: found by the Ray read.
     ragged = f"inventory/{bucket}/ragged.csv.gz"
     fs.pipe_file(f"{bucket}/{ragged}", gzip.compress(f'"{bucket}","in/0.jpg","1","t"\n"{bucket}","in/1.jpg"\n'.encode()))
-    cases["ragged"] = ({**manifest, "files": [{"key": ragged, "size": 1, "MD5checksum": "0"}]}, f"data file s3://{bucket}/{ragged} cannot be read")
+    cases["ragged"] = (
+        {**manifest, "files": [{"key": ragged, "size": 1, "MD5checksum": "0"}]},
+        f"data file s3://{bucket}/{ragged} cannot be read",
+    )
     no_key = f"inventory/{bucket}/nokey.parquet"
     with fs.open(f"{bucket}/{no_key}", "wb") as f:
         pq.write_table(pa.table({"bucket": [bucket], "name": ["in/0.jpg"]}), f)
-    cases["no_key"] = ({**manifest, "fileFormat": "Parquet", "files": [{"key": no_key}]}, f"data file s3://{bucket}/{no_key} has no 'key' column")
+    cases["no_key"] = (
+        {**manifest, "fileFormat": "Parquet", "files": [{"key": no_key}]},
+        f"data file s3://{bucket}/{no_key} has no 'key' column",
+    )
     cases["orc"] = ({**manifest, "fileFormat": "ORC"}, "fileFormat 'ORC' is not supported")
     for name, (content, message) in cases.items():
         fs.pipe_file(f"{bucket}/bad/{name}/manifest.json", json.dumps(content).encode())

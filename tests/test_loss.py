@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from retinaface_core.anchors import generate_priors
-from retinaface_core.box_coding import encode_boxes, encode_landmarks
+from retinaface_core.box_coding import box_convert, encode_boxes, encode_landmarks
 from retinaface_core.loss import (
     FaceTargets,
     box_iou,
@@ -19,7 +19,6 @@ from retinaface_core.loss import (
     match_anchors,
     multibox_loss,
 )
-from retinaface_core.box_coding import box_convert
 from retinaface_core.model import RetinaFaceOutput
 
 VARIANCES = (0.1, 0.2)
@@ -191,9 +190,12 @@ def test_landmark_loss_only_for_faces_with_landmarks() -> None:
 
     match = match_anchors(with_all.boxes, with_all.valid, priors)
     face0 = match.positive[0] & (match.gt_index[0] == 0)
-    expected = F.smooth_l1_loss(
-        output.landmarks[0, face0], encode_landmarks(with_all.landmarks[0, [0]], priors[face0], VARIANCES), reduction="sum"
-    ) / face0.sum()
+    expected = (
+        F.smooth_l1_loss(
+            output.landmarks[0, face0], encode_landmarks(with_all.landmarks[0, [0]], priors[face0], VARIANCES), reduction="sum"
+        )
+        / face0.sum()
+    )
     assert partial.landmark.item() == pytest.approx(expected.item(), rel=1e-5)
     assert partial.landmark.item() != pytest.approx(full.landmark.item())
 
@@ -212,7 +214,9 @@ def test_loss_is_zero_for_perfect_regression_and_finite_without_faces() -> None:
     perfect = RetinaFaceOutput(
         boxes=torch.stack([encode_boxes(gt, priors, VARIANCES), torch.zeros(priors.shape[0], 4)]),
         logits=torch.zeros(2, priors.shape[0], 2),
-        landmarks=torch.stack([encode_landmarks(batch.landmarks[0, match.gt_index[0]], priors, VARIANCES), torch.zeros(priors.shape[0], 10)]),
+        landmarks=torch.stack(
+            [encode_landmarks(batch.landmarks[0, match.gt_index[0]], priors, VARIANCES), torch.zeros(priors.shape[0], 10)]
+        ),
     )
     losses = multibox_loss(perfect, batch, priors, VARIANCES)
     assert losses.box.item() == pytest.approx(0.0, abs=1e-6)
@@ -240,7 +244,9 @@ def test_checkpoint_loss_low_on_own_detections_high_on_shuffled(checkpoint, shar
     assert len(detections) >= 5, "the checkpoint should find several confident faces"
     boxes = torch.from_numpy(detections.boxes).clamp(0, size) / size
     landmarks = torch.from_numpy(detections.landmarks) / size
-    own = FaceTargets(boxes[None], landmarks[None], torch.ones(1, len(boxes), dtype=torch.bool), torch.ones(1, len(boxes), dtype=torch.bool))
+    own = FaceTargets(
+        boxes[None], landmarks[None], torch.ones(1, len(boxes), dtype=torch.bool), torch.ones(1, len(boxes), dtype=torch.bool)
+    )
     # Same faces (sizes, landmark layouts) moved to random places: the targets no longer fit the pixels.
     rng = np.random.default_rng(0)
     sizes = boxes[:, 2:] - boxes[:, :2]

@@ -164,8 +164,9 @@ def test_an_s3_manifest_annotates_each_object_once_and_counts_the_rest(ray_sessi
     assert summary["objects_skipped"] == {"duplicate": 1, "folder_marker": 1, "not_an_image_name": 1}
     rows = read_rows(output)
     assert sorted(rows["uri"]) == sorted(f"s3://{bucket}/{k}" for k in keys) and (rows["status"] == "ok").all()
-    assert f"{len(entries)} objects listed: {len(keys)} images (0 already annotated in 0 committed shards, {len(keys)} new), 3 skipped" \
-        in log
+    assert (
+        f"{len(entries)} objects listed: {len(keys)} images (0 already annotated in 0 committed shards, {len(keys)} new), 3 skipped" in log
+    )
     assert re.search(r"annotate: skipped 1 duplicate \(e\.g\. s3://.*/in/a b\.jpg\); 1 folder_marker .*; 1 not_an_image_name", log)
 
 

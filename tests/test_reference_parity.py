@@ -77,9 +77,7 @@ def py_cpu_nms(dets: np.ndarray, thresh: float) -> list[int]:
     return keep
 
 
-def reference_detect(
-    model: torch.nn.Module, image: np.ndarray, min_sizes=MIN_SIZES
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reference_detect(model: torch.nn.Module, image: np.ndarray, min_sizes=MIN_SIZES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The reference detector: threshold 0.02, top 5000, NMS 0.4, keep 750."""
     height, width = image.shape[:2]
     x = np.float32(image)

@@ -141,7 +141,9 @@ def test_gate_without_fingerprints_compares_canonical_uris(tmp_path) -> None:
 
 
 def test_validation_record_spells_uris_canonically() -> None:
-    record = validation_record({"easy": 1.0, "medium": 1.0, "hard": 1.0}, val="s3://b/val/", val_gt=None, scale="long:640", fingerprint=FINGERPRINT)
+    record = validation_record(
+        {"easy": 1.0, "medium": 1.0, "hard": 1.0}, val="s3://b/val/", val_gt=None, scale="long:640", fingerprint=FINGERPRINT
+    )
     assert record["data"] == {"val": "s3://b/val", "val_gt": None, "scale": "long:640", **FINGERPRINT}
 
 
@@ -268,7 +270,19 @@ def test_cli_register_evaluates_a_checkpoint_as_the_baseline(tmp_path, shared_di
     write_bbx_gt([annotations[n] for n in names], str(val / "wider_face_val_bbx_gt.txt"))
 
     uri = str(tmp_path / "registry")
-    argv = ["register", "--registry", uri, "--checkpoint", "mobilenet0.25-1mb", "--val", str(val), "--val-gt", str(gt_dir), "--val-scale", "long:320"]
+    argv = [
+        "register",
+        "--registry",
+        uri,
+        "--checkpoint",
+        "mobilenet0.25-1mb",
+        "--val",
+        str(val),
+        "--val-gt",
+        str(gt_dir),
+        "--val-scale",
+        "long:320",
+    ]
     assert registry_cli(argv) == 0
     assert "registered v0001" in capsys.readouterr().out
     registry = ModelRegistry(uri)

@@ -23,18 +23,18 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import pytest
+from _faulty_s3 import FaultyS3, Rule
 from PIL import Image
 
-from jobs.annotate.worker import decode_ahead
 from jobs._config import from_values
-from jobs._samples import generated_images
 from jobs._exit import ExitCode, JobError
+from jobs._samples import generated_images
 from jobs.annotate import AnnotateConfig, ShardsFailed, main, run
 from jobs.annotate.shards import make_shards
+from jobs.annotate.worker import decode_ahead
 from retinaface_core.image_io import fetch_image
 from retinaface_core.storage import filesystem
 from schemas.annotation import partitioning
-from _faulty_s3 import FaultyS3, Rule
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -44,7 +44,9 @@ def bucket(shared_dir: Path, weights_dir: Path, make_bucket) -> str:
     """A bucket with ``wider/`` (3 images and their official boxes) and ``baseline.pth``."""
     name = make_bucket("cycle")
     images = shared_dir / "widerface" / "val" / "images"
-    annotations = {a.name: a for a in read_bbx_gt(str(shared_dir / "widerface" / "ground_truth" / "wider_face_val_bbx_gt.txt"), degenerate="drop")}
+    annotations = {
+        a.name: a for a in read_bbx_gt(str(shared_dir / "widerface" / "ground_truth" / "wider_face_val_bbx_gt.txt"), degenerate="drop")
+    }
     fs = fsspec.filesystem("s3")
     for image in IMAGES:
         fs.pipe(f"{name}/wider/images/{image}", (images / image).read_bytes())
@@ -132,7 +134,14 @@ def annotated_rows(bucket: str, model: str, output: Path):
 
     config = from_values(
         AnnotateConfig,
-        {"input": f"s3://{bucket}/wider/images/12--Group/", "output": str(output), "model": model, "actors": 1, "torch_threads": 1, "scale": SCALE},
+        {
+            "input": f"s3://{bucket}/wider/images/12--Group/",
+            "output": str(output),
+            "model": model,
+            "actors": 1,
+            "torch_threads": 1,
+            "scale": SCALE,
+        },
     )
     annotate(config)
     return pd.read_parquet(output / "annotations")

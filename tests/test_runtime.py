@@ -62,9 +62,7 @@ print(os.environ["LRU_CACHE_CAPACITY"], psutil.Process().memory_info().rss - sta
 
 def test_kernel_caches_are_capped_so_new_image_sizes_do_not_grow_memory_without_bound():
     def growth(env: dict[str, str]) -> tuple[str, int]:
-        out = subprocess.run(
-            [sys.executable, "-c", SHAPES_PROBE], capture_output=True, text=True, check=True, env=env
-        ).stdout.split()
+        out = subprocess.run([sys.executable, "-c", SHAPES_PROBE], capture_output=True, text=True, check=True, env=env).stdout.split()
         return out[0], int(out[1])
 
     # Detectors of this test process have set the variables already; the probes start without.

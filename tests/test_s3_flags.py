@@ -65,14 +65,31 @@ def _rows(output: str, options: StorageOptions) -> int:
     return pads.dataset(f"{path}/annotations", filesystem=fs, format="parquet", partitioning=partitioning()).count_rows()
 
 
-@pytest.mark.parametrize("model_flag", [["--weights", f"s3://{BUCKET}/models/published.pth"], ["--model", f"s3://{BUCKET}/registry"]], ids=["weights", "registry"])
+@pytest.mark.parametrize(
+    "model_flag",
+    [["--weights", f"s3://{BUCKET}/models/published.pth"], ["--model", f"s3://{BUCKET}/registry"]],
+    ids=["weights", "registry"],
+)
 def test_annotate_with_flags_only(ray_session, other_s3, model_flag) -> None:
     endpoint, options = other_s3
     output = f"s3://{BUCKET}/out-{model_flag[0][2:]}"
-    code = annotate.main([
-        "--input", f"s3://{BUCKET}/val/images/", "--output", output, "--s3-endpoint-url", endpoint,
-        "--scale", "long:320", "--images-per-shard", "6", "--actors", "1", *model_flag,
-    ])
+    code = annotate.main(
+        [
+            "--input",
+            f"s3://{BUCKET}/val/images/",
+            "--output",
+            output,
+            "--s3-endpoint-url",
+            endpoint,
+            "--scale",
+            "long:320",
+            "--images-per-shard",
+            "6",
+            "--actors",
+            "1",
+            *model_flag,
+        ]
+    )
     assert code == 0
     assert _rows(output, options) == 12
     fs, path = filesystem(output, options)
@@ -83,11 +100,25 @@ def test_annotate_with_flags_only(ray_session, other_s3, model_flag) -> None:
 def test_evaluate_with_flags_only(ray_session, other_s3) -> None:
     endpoint, options = other_s3
     output = f"s3://{BUCKET}/eval"
-    code = evaluate.main([
-        "--images", f"s3://{BUCKET}/val/images", "--ground-truth", f"s3://{BUCKET}/gt", "--output", output,
-        "--s3-endpoint-url", endpoint, "--scale", "long:320", "--subset", "--actors", "1",
-        "--model", f"s3://{BUCKET}/registry",
-    ])
+    code = evaluate.main(
+        [
+            "--images",
+            f"s3://{BUCKET}/val/images",
+            "--ground-truth",
+            f"s3://{BUCKET}/gt",
+            "--output",
+            output,
+            "--s3-endpoint-url",
+            endpoint,
+            "--scale",
+            "long:320",
+            "--subset",
+            "--actors",
+            "1",
+            "--model",
+            f"s3://{BUCKET}/registry",
+        ]
+    )
     assert code == 0
     fs, path = filesystem(output, options)
     report = json.loads(fs.cat_file(f"{path}/ap.json"))
@@ -98,12 +129,41 @@ def test_evaluate_with_flags_only(ray_session, other_s3) -> None:
 def test_train_and_registry_with_flags_only(ray_session, other_s3, capsys) -> None:
     endpoint, options = other_s3
     data = f"s3://{BUCKET}/val"
-    code = train.main([
-        "--train", data, "--val", data, "--val-gt", f"s3://{BUCKET}/gt", "--val-scale", "long:320",
-        "--init", f"s3://{BUCKET}/registry", "--s3-endpoint-url", endpoint, "--storage", f"s3://{BUCKET}/runs",
-        "--name", "flags", "--num-workers", "1", "--loader-workers", "0", "--epochs", "1", "--batch-size", "4",
-        "--train-size", "160", "--no-augment", "--registry", f"s3://{BUCKET}/registry", "--max-failures", "0",
-    ])
+    code = train.main(
+        [
+            "--train",
+            data,
+            "--val",
+            data,
+            "--val-gt",
+            f"s3://{BUCKET}/gt",
+            "--val-scale",
+            "long:320",
+            "--init",
+            f"s3://{BUCKET}/registry",
+            "--s3-endpoint-url",
+            endpoint,
+            "--storage",
+            f"s3://{BUCKET}/runs",
+            "--name",
+            "flags",
+            "--num-workers",
+            "1",
+            "--loader-workers",
+            "0",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--train-size",
+            "160",
+            "--no-augment",
+            "--registry",
+            f"s3://{BUCKET}/registry",
+            "--max-failures",
+            "0",
+        ]
+    )
     assert code == 0
     assert ModelRegistry(f"s3://{BUCKET}/registry", options).versions() == ["v0001", "v0002"]
     capsys.readouterr()

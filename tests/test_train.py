@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from retinaface_core.augment import TrainAugment
 from retinaface_core.detector import Detector
 from retinaface_core.registry import ModelRegistry, resolve_model
 from retinaface_core.storage import StorageOptions
 from retinaface_core.training import Schedule, WiderTrainDataset, collate_faces, open_wider_dataset
-from retinaface_core.augment import TrainAugment
 from retinaface_core.weights import load_weights
 from retinaface_core.widerface import read_bbx_gt, write_bbx_gt
 
@@ -37,7 +37,9 @@ def wider_s3(shared_dir: Path, make_bucket) -> str:
     images_dir = shared_dir / "widerface" / "val" / "images"
     names = sorted(str(p.relative_to(images_dir)) for p in images_dir.glob("*/*.jpg"))
     assert len(names) == 12
-    annotations = {a.name: a for a in read_bbx_gt(str(shared_dir / "widerface" / "ground_truth" / "wider_face_val_bbx_gt.txt"), degenerate="drop")}
+    annotations = {
+        a.name: a for a in read_bbx_gt(str(shared_dir / "widerface" / "ground_truth" / "wider_face_val_bbx_gt.txt"), degenerate="drop")
+    }
     root = f"s3://{make_bucket('wider')}/wider"
     fs = fsspec.filesystem("s3")
     for name in names:
@@ -301,15 +303,28 @@ def test_progress_and_summary_lines(caplog) -> None:
     (line,) = caplog.messages
     # 6 steps left (2 of epoch 2, 4 of epoch 3) at 1 s each; 4 images in 2 s on each of 2 workers.
     assert line == "epoch 2/3 step 2/4 loss 2.000 (cls 1.000 box 0.500 landmark 0.000) 4.0 img/s ETA 0:00:06"
-    metrics = {"epoch": 2, "loss_total": 1.0, "loss_cls": 0.5, "loss_box": 0.25, "loss_landmark": 0.0, "val_ap": {"easy": 0.5, "medium": 0.4, "hard": 0.3}}
+    metrics = {
+        "epoch": 2,
+        "loss_total": 1.0,
+        "loss_cls": 0.5,
+        "loss_box": 0.25,
+        "loss_landmark": 0.0,
+        "val_ap": {"easy": 0.5, "medium": 0.4, "hard": 0.3},
+    }
     summary = {"run": "r", "run_uri": "s3://b/runs/r", "checkpoint": "s3://b/runs/r/checkpoint_x", "metrics": metrics}
-    refused = {**summary, "registry": {"version": "v0002", "uri": "s3://b/m/v0002", "new": True, "promoted": False, "promotion_reason": "val AP regressed"}}
+    refused = {
+        **summary,
+        "registry": {"version": "v0002", "uri": "s3://b/m/v0002", "new": True, "promoted": False, "promotion_reason": "val AP regressed"},
+    }
     lines = summary_lines(refused)
     assert lines[0] == "run r: 3 epochs, last loss 1.000 (cls 0.500 box 0.250 landmark 0.000)"
     assert lines[1].startswith("checkpoint: s3://b/runs/r/checkpoint_x ")
     assert lines[-1] == "refused by the gate: val AP regressed"
     assert exit_code(refused) == ExitCode.REFUSED and exit_code(summary) == ExitCode.OK
-    promoted = {**refused, "registry": {**refused["registry"], "new": False, "promoted": True, "promotion_reason": "v0002 is already current: nothing to do"}}
+    promoted = {
+        **refused,
+        "registry": {**refused["registry"], "new": False, "promoted": True, "promotion_reason": "v0002 is already current: nothing to do"},
+    }
     assert "already registered as v0002" in summary_lines(promoted)[-2] and exit_code(promoted) == ExitCode.OK
 
 

@@ -125,9 +125,7 @@ def test_real_val_as_label_txt_round_trip(val_images: list[WiderImage], tmp_path
     out = str(tmp_path / "label.txt")
     write_label_txt(val_images, out)
     read = read_label_txt(out, degenerate="keep")
-    assert read == [
-        WiderImage(im.name, im.boxes, im.landmarks, im.has_landmarks, attributes=None) for im in val_images
-    ]
+    assert read == [WiderImage(im.name, im.boxes, im.landmarks, im.has_landmarks, attributes=None) for im in val_images]
 
 
 # --- bbx_gt format details ----------------------------------------------------------------------

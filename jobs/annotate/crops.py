@@ -48,10 +48,7 @@ def crop_rows(
         return CROPS_SCHEMA.empty_table()
     face_index = (selected - starts[selected]).astype(np.int32)
     image_index = image_index[selected]
-    if isinstance(landmarks, Tensor):
-        landmarks = landmarks[torch.from_numpy(selected).to(landmarks.device)]
-    else:
-        landmarks = landmarks[selected]
+    landmarks = landmarks[torch.from_numpy(selected).to(landmarks.device)] if isinstance(landmarks, Tensor) else landmarks[selected]
     crops, matrices, residuals = align_faces(list(images), landmarks, config.crops, image_index=image_index)
     count = len(selected)
     matrices = matrices.cpu().numpy() if isinstance(matrices, Tensor) else matrices

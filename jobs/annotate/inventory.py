@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -317,7 +317,7 @@ def _why_unreadable(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return "not readable when planned"
 
 
-def _blocks(files: Iterator[Iterator[pa.Array]], side: int = _LISTED) -> Iterator[pa.Table]:
+def _blocks(files: Iterator[Iterable[pa.Array]], side: int = _LISTED) -> Iterator[pa.Table]:
     """The URIs of every file, tagged with their side, in blocks of at least ``BLOCK_ROWS``
     (the last may be smaller): Ray hands a task's results under 100 KB to the driver's own
     memory, so blocks of one shard file's 1,000 URIs would pile up there."""

@@ -46,6 +46,7 @@ def run_pipeline(config: AnnotateConfig, run_id: str, plan: Plan, results: list[
         f"torch threads per actor: {config.threads_per_actor}, decode: {config.decode_mode}",
         flush=True,
     )
+    assert plan.lease is not None
     lease = plan.lease.token
     if config.decode_mode == "tasks":
         ds = ds.map_batches(decode_shards, fn_kwargs={"config": config, "lease": lease}, batch_size=1, num_cpus=config.decode_cpus)
@@ -159,7 +160,8 @@ def run(config: AnnotateConfig) -> dict:
         try:
             summary = _annotate(config, run_id, plan, signals, start)
         finally:
-            plan.lease.release()
+            if plan.lease is not None:
+                plan.lease.release()
     finally:
         signals.restore()
     _raise_for(config, plan, summary)
@@ -171,6 +173,7 @@ def _annotate(config: AnnotateConfig, run_id: str, plan: Plan, signals: Signals,
     _print_plan(plan)
     results: list[dict] = []
     # From here on a first signal lets the run end in order: shards in flight, then the summary.
+    assert plan.lease is not None
     signals.on_first = plan.lease.stop
     crashed: Exception | None = None
     try:

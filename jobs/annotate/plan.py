@@ -252,8 +252,6 @@ def _plan_holding(
     )  # fmt: skip
 
 
-
-
 def check_shards(output: str, store: OutputStore, settings: dict, committed: dict[str, str]) -> None:
     """Refuse an output holding committed shards whose names say other settings than ``settings``."""
     fingerprint = settings_fingerprint(comparable(settings))

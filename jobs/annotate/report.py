@@ -128,12 +128,14 @@ def face_tiles(store: OutputStore, listing: OutputListing, faces: pa.Table, stor
         keys = zip(*(found.column(c).to_pylist() for c in ("uri", "run_id", "face_index")))
         crops = dict(zip(keys, found.column("crop").to_pylist()))
     images: dict[str, np.ndarray | None] = {}
-    tiles, aligned = [], []
+    tiles: list[np.ndarray] = []
+    aligned: list[bool] = []
     for face in faces.to_pylist():
         crop = crops.get((face["uri"], face["run_id"], face["face_index"]))
         aligned.append(crop is not None)
         if crop is not None:
-            tiles.append(cv2.imdecode(np.frombuffer(crop, np.uint8), cv2.IMREAD_COLOR))
+            tile = cv2.imdecode(np.frombuffer(crop, np.uint8), cv2.IMREAD_COLOR)
+            tiles.append(np.full((TILE, TILE, 3), 200, np.uint8) if tile is None else tile)
             continue
         if face["uri"] not in images:
             try:
@@ -194,7 +196,7 @@ def contact_sheet(tiles: Sequence[np.ndarray], captions: Sequence[str], quality:
         sheet[y : y + TILE, x : x + TILE] = tile
         _text(sheet, caption, (x + 2, y + TILE + 13), 0.42)
     top = MARGIN + TITLE + grid_height
-    sheet[top:top + HISTOGRAM_HEIGHT, MARGIN:width - MARGIN] = quality_histogram(quality, shown, width - 2 * MARGIN, HISTOGRAM_HEIGHT)
+    sheet[top : top + HISTOGRAM_HEIGHT, MARGIN : width - MARGIN] = quality_histogram(quality, shown, width - 2 * MARGIN, HISTOGRAM_HEIGHT)
     return sheet
 
 

@@ -60,8 +60,13 @@ def fetch(config: AnnotateConfig, uri: str, device_jpeg: bool = False) -> Fetche
     """One input object read (storage errors retried with backoff) and decoded, within the job's
     limits; with ``device_jpeg`` a JPEG the device decodes is only probed (see :func:`fetch_image`)."""
     return fetch_image(
-        uri, config.s3, config.max_pixels, max_bytes=config.max_bytes, attempts=config.read_attempts,
-        backoff=config.retry_backoff, device_jpeg=device_jpeg,
+        uri,
+        config.s3,
+        config.max_pixels,
+        max_bytes=config.max_bytes,
+        attempts=config.read_attempts,
+        backoff=config.retry_backoff,
+        device_jpeg=device_jpeg,
     )
 
 
@@ -307,7 +312,9 @@ class ShardAnnotator:
         if self.config.crops:
             image_index = np.repeat(np.arange(len(ok)), counts)
             size, score = host[:, _FACE_COLUMNS.index("face_size")], host[:, _FACE_COLUMNS.index("quality")]
-            crops.append(crop_rows(self.config, self.run_id, [images[i].uri for i in ok], tensors, image_index, found.landmarks, size, score))
+            crops.append(
+                crop_rows(self.config, self.run_id, [images[i].uri for i in ok], tensors, image_index, found.landmarks, size, score)
+            )
         for item in items:
             item.image = None
         return time.perf_counter() - end
@@ -355,5 +362,3 @@ class ShardAnnotator:
         }
         arrays = [pa.array(columns[f.name], type=f.type) for f in ANNOTATION_SCHEMA if f.name != "faces"]
         return pa.Table.from_arrays([*arrays, face_list.cast(ANNOTATION_SCHEMA.field("faces").type)], schema=ANNOTATION_SCHEMA)
-
-
