@@ -158,7 +158,8 @@ def parity(shared: Path | None, device: str) -> None:
     import torch
 
     from retinaface_core import Detector
-    from retinaface_core.device_decode import decode_jpegs, device_decoder_available, probe_jpeg
+    from retinaface_core.device_decode import decode_jpegs, device_decoder_available
+    from retinaface_core.image_io import probe_jpeg
     from retinaface_core.image_io import decode_image
 
     paths = real_photo_paths(shared)

@@ -1,7 +1,7 @@
 """JPEG decoding on the GPU (nvJPEG through torchvision), a batch at a time, with the CPU decoder
 as the fallback for everything the device cannot or must not decode.
 
-The host's share of a JPEG is reading its header (:func:`probe_jpeg`): format, size, colour
+The host's share of a JPEG is reading its header (:func:`image_io.probe_jpeg`): format, size, colour
 mode, EXIF orientation and whether the data ends where a JPEG ends. Only baseline-decodable
 RGB or grey JPEGs that are complete and within the pixel limit go to the device; truncated
 files, CMYK, PNG, WebP, GIF, TIFF and the rest take :func:`image_io.decode_image`, so an
@@ -13,21 +13,14 @@ CPU decoder's arrays are.
 from __future__ import annotations
 
 import functools
-import io
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
-from PIL import Image
 from torch import Tensor
 
-from .image_io import DEFAULT_MAX_PIXELS, FetchedImage, ImageDecodeError, decode_image
+from .image_io import DEFAULT_MAX_PIXELS, FetchedImage, ImageDecodeError, JpegHeader, decode_image
 from .storage import redact
-
-_EXIF_ORIENTATION = 0x0112
-_JPEG_END = b"\xff\xd9"
 
 
 @functools.cache
@@ -38,35 +31,6 @@ def device_decoder_available() -> bool:
     except Exception:
         return False
     return torch.cuda.is_available()
-
-
-@dataclass(frozen=True)
-class JpegHeader:
-    """What the host reads of a JPEG that the device decodes: its stored size and EXIF orientation (1-8)."""
-
-    height: int
-    width: int
-    orientation: int
-
-
-def probe_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> JpegHeader | None:
-    """The header of ``data`` if the device should decode it, else None (the CPU decoder will,
-    and raise what is wrong with it): a complete RGB or grey JPEG within ``max_pixels``."""
-    if not data.rstrip(b"\0").endswith(_JPEG_END):
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.width * im.height > max_pixels:
-                    return None
-                try:
-                    orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
-                except Exception:
-                    orientation = 1  # an unparsable EXIF block: the stored orientation, like most viewers
-                return JpegHeader(im.height, im.width, orientation if 1 <= orientation <= 8 else 1)
-    except Exception:
-        return None
 
 
 def orient(image: Tensor, orientation: int) -> Tensor:

@@ -207,13 +207,46 @@ def read_image(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, storage: StorageO
     return decode_image(read_bytes(uri, storage), uri, max_pixels)
 
 
+_EXIF_ORIENTATION = 0x0112
+_JPEG_END = b"\xff\xd9"
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What the host reads of a JPEG that the device decodes: its stored size and EXIF orientation (1-8)."""
+
+    height: int
+    width: int
+    orientation: int
+
+
+def probe_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> JpegHeader | None:
+    """The header of ``data`` if the device should decode it, else None (the CPU decoder will,
+    and raise what is wrong with it): a complete RGB or grey JPEG within ``max_pixels``."""
+    if not data.rstrip(b"\0").endswith(_JPEG_END):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.width * im.height > max_pixels:
+                    return None
+                try:
+                    orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+                except Exception:
+                    orientation = 1  # an unparsable EXIF block: the stored orientation, like most viewers
+                return JpegHeader(im.height, im.width, orientation if 1 <= orientation <= 8 else 1)
+    except Exception:
+        return None
+
+
 @dataclass
 class FetchedImage:
     """One image after reading and decoding: pixels (H, W, 3) uint8 BGR, or why there are none.
 
     ``image`` is a numpy array from the CPU decoder or, once decoded on a device, a torch
     tensor there. A JPEG left to the device (``fetch_image(..., device_jpeg=True)``) has no
-    pixels yet: ``encoded`` holds its bytes and ``header`` what :func:`device_decode.probe_jpeg`
+    pixels yet: ``encoded`` holds its bytes and ``header`` what :func:`probe_jpeg`
     read, until :func:`device_decode.decode_fetched` fills ``image`` (or the error fields).
     """
 
@@ -270,8 +303,6 @@ def fetch_image(
                 time.sleep(backoff * 2**attempt)
         read_done = time.perf_counter()
         if device_jpeg:
-            from .device_decode import probe_jpeg
-
             header = probe_jpeg(data, max_pixels)
         if header is not None:
             encoded = data

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -34,8 +34,16 @@ from .loss import box_iou
 from .postprocessing import Detections, clip_points, nms
 from .preprocessing import Image, InputScale, validate_image
 
-if TYPE_CHECKING:
-    from .detector import DetectorSettings
+
+class MergeSettings(Protocol):
+    """What merging the views needs of a detector's settings (``DetectorSettings`` has it)."""
+
+    scale: str
+    score_threshold: float
+    nms_iou: float
+    keep_top_k: int
+    clip: bool
+
 
 ViewCandidates = Callable[[Sequence[Image], InputScale], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
 """Runs views at a scale; per view, its candidates above the score threshold before NMS, in the
@@ -114,7 +122,7 @@ class TTA:
         return "+".join(parts) or "none"
 
 
-def detect_with_tta(images: Sequence[Image], tta: TTA, view_candidates: ViewCandidates, settings: DetectorSettings) -> list[Detections]:
+def detect_with_tta(images: Sequence[Image], tta: TTA, view_candidates: ViewCandidates, settings: MergeSettings) -> list[Detections]:
     """Detection with test-time augmentation; one :class:`Detections` per image, in
     original-image pixels, one detection per face.
 
@@ -152,7 +160,7 @@ def mirrored(image: Image) -> Image:
 
 
 def _all_views(
-    images: Sequence[Image], tta: TTA, view_candidates: ViewCandidates, settings: DetectorSettings
+    images: Sequence[Image], tta: TTA, view_candidates: ViewCandidates, settings: MergeSettings
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per image, the candidates of all its views, before any NMS, in original-image pixels:
     (M, 4) x1, y1, x2, y2 boxes, (M,) scores, (M, 5, 2) landmarks (left/right as seen in the

@@ -16,8 +16,8 @@ from PIL import Image
 
 from retinaface_core import Detector, InputScale, load_weights
 from retinaface_core.batching import PLAN_WINDOW_BATCHES, canvas_ladder, ladder_canvases, plan_batches
-from retinaface_core.device_decode import orient, probe_jpeg
-from retinaface_core.image_io import decode_image, fetch_image
+from retinaface_core.device_decode import orient
+from retinaface_core.image_io import decode_image, fetch_image, probe_jpeg
 from retinaface_core.postprocessing import batched_nms, nms_keep
 from retinaface_core.preprocessing import group_batch
 

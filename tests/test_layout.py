@@ -94,13 +94,7 @@ def test_imports_are_resolved_from_the_source():
     "package",
     [
         "jobs",
-        pytest.param(
-            "retinaface_core",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="detector.py and tta.py import each other: issue 20's TTA change removes it (then drop this mark)",
-            ),
-        ),
+        "retinaface_core",
     ],
 )
 def test_no_import_cycle(package):
