@@ -159,8 +159,7 @@ def parity(shared: Path | None, device: str) -> None:
 
     from retinaface_core import Detector
     from retinaface_core.device_decode import decode_jpegs, device_decoder_available
-    from retinaface_core.image_io import probe_jpeg
-    from retinaface_core.image_io import decode_image
+    from retinaface_core.image_io import decode_image, probe_jpeg
 
     paths = real_photo_paths(shared)
     if not paths:
