@@ -38,11 +38,16 @@ from .preprocessing import Image, InputScale, validate_image
 class MergeSettings(Protocol):
     """What merging the views needs of a detector's settings (``DetectorSettings`` has it)."""
 
-    scale: str
-    score_threshold: float
-    nms_iou: float
-    keep_top_k: int
-    clip: bool
+    @property
+    def scale(self) -> str: ...
+    @property
+    def score_threshold(self) -> float: ...
+    @property
+    def nms_iou(self) -> float: ...
+    @property
+    def keep_top_k(self) -> int: ...
+    @property
+    def clip(self) -> bool: ...
 
 
 ViewCandidates = Callable[[Sequence[Image], InputScale], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
