@@ -198,7 +198,7 @@ sys.meta_path.insert(0, NoS3fs())
 import jobs.annotate.job, jobs.annotate.worker, retinaface_core
 from jobs._inputs import list_input
 from retinaface_core.image_io import read_image
-assert len(list_input({str(tmp_path)!r})) == 1 and read_image({str(tmp_path / "a.jpg")!r}).shape == (512, 512, 3)
+assert len(list_input({str(tmp_path)!r}).uris) == 1 and read_image({str(tmp_path / "a.jpg")!r}).shape == (512, 512, 3)
 assert "s3fs" not in sys.modules
 """
     subprocess.run([sys.executable, "-c", script], cwd=repo_root, check=True)
