@@ -71,6 +71,18 @@ def gt_dir(shared_dir: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def val_sizes(shared_dir: Path) -> list[tuple[int, int]]:
+    """(height, width) of all WIDER FACE val images: the real mix of photo sizes."""
+    import csv
+
+    path = shared_dir / "widerface/val_image_sizes.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} (the sizes of the WIDER val images) is absent")
+    with path.open() as f:
+        return [(int(row["height"]), int(row["width"])) for row in csv.DictReader(f)]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_stale_ray_address() -> Iterator[None]:
     """Fail the session if it leaves /tmp/ray/ray_current_cluster naming a Ray that no longer

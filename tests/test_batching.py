@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import random
 from pathlib import Path
 
@@ -23,15 +22,6 @@ from retinaface_core.model import InferenceRetinaFace, optimize_for_inference
 from retinaface_core.postprocessing import Detections
 from retinaface_core.preprocessing import to_network_input
 from retinaface_core.widerface import read_ground_truth_mat, submission_rows
-
-
-@pytest.fixture(scope="module")
-def val_sizes(shared_dir: Path) -> list[tuple[int, int]]:
-    path = shared_dir / "widerface/val_image_sizes.csv"
-    if not path.is_file():
-        pytest.skip(f"{path} (the sizes of the WIDER val images) is absent")
-    with path.open() as f:
-        return [(int(row["height"]), int(row["width"])) for row in csv.DictReader(f)]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -3,7 +3,6 @@ JPEG probing and EXIF orientation for device decoding (every device function run
 
 from __future__ import annotations
 
-import csv
 import io
 import random
 from pathlib import Path
@@ -20,15 +19,6 @@ from retinaface_core.device_decode import orient
 from retinaface_core.image_io import decode_image, fetch_image, probe_jpeg
 from retinaface_core.postprocessing import batched_nms, nms_keep
 from retinaface_core.preprocessing import group_batch
-
-
-@pytest.fixture(scope="module")
-def val_sizes(shared_dir: Path) -> list[tuple[int, int]]:
-    path = shared_dir / "widerface/val_image_sizes.csv"
-    if not path.is_file():
-        pytest.skip(f"{path} (the sizes of the WIDER val images) is absent")
-    with path.open() as f:
-        return [(int(row["height"]), int(row["width"])) for row in csv.DictReader(f)]
 
 
 @pytest.fixture(scope="module")
