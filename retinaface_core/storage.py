@@ -72,7 +72,19 @@ def keys_as_written_s3() -> type[fsspec.AbstractFileSystem]:
             bucket, key = self._find_bucket_key(path)
             return bucket, key + trail, None
 
+    # Pickled by reference, as this module's attribute (see __getattr__ below): a class pickled by
+    # value takes its instance cache along, whose locks cannot be pickled, and Ray ships the
+    # filesystems of inventories and outputs to its tasks.
+    KeysAsWrittenS3FileSystem.__module__ = __name__
+    KeysAsWrittenS3FileSystem.__qualname__ = KeysAsWrittenS3FileSystem.__name__
     return KeysAsWrittenS3FileSystem
+
+
+def __getattr__(name: str) -> Any:
+    """``KeysAsWrittenS3FileSystem``, built on first use (:func:`keys_as_written_s3`)."""
+    if name == "KeysAsWrittenS3FileSystem":
+        return keys_as_written_s3()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
