@@ -73,3 +73,17 @@ def encode_landmarks(landmarks: Tensor, priors: Tensor, variances: tuple[float, 
     """Inverse of :func:`decode_landmarks`: (..., A, 5, 2) points -> (..., A, 10) offsets."""
     offsets = (landmarks - priors[..., None, :2]) / (variances[0] * priors[..., None, 2:])
     return offsets.reshape(*offsets.shape[:-2], 10)
+
+
+def box_iou(boxes: Tensor, others: Tensor) -> Tensor:
+    """IoU of (..., N, 4) boxes against (M, 4) boxes, both (x1, y1, x2, y2): (..., N, M).
+
+    Continuous areas (no +1 pixel term), as the reference matcher computes them on normalised
+    coordinates.
+    """
+    top_left = torch.maximum(boxes[..., :, None, :2], others[:, :2])
+    bottom_right = torch.minimum(boxes[..., :, None, 2:], others[:, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
+    area = (boxes[..., 2:] - boxes[..., :2]).prod(-1)
+    other_area = (others[:, 2:] - others[:, :2]).prod(-1)
+    return inter / (area[..., :, None] + other_area - inter)

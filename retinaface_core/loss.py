@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .box_coding import box_convert, encode_boxes, encode_landmarks
+from .box_coding import box_convert, box_iou, encode_boxes, encode_landmarks
 from .model import RetinaFaceOutput
 
 # Matching builds a (B, G, A) IoU tensor; above this many elements it runs a few images at a
@@ -70,20 +70,6 @@ class LossComponents(NamedTuple):
     box: Tensor
     landmark: Tensor
     num_pos: Tensor
-
-
-def box_iou(boxes: Tensor, others: Tensor) -> Tensor:
-    """IoU of (..., N, 4) boxes against (M, 4) boxes, both (x1, y1, x2, y2): (..., N, M).
-
-    Continuous areas (no +1 pixel term), as the reference matcher computes them on normalised
-    coordinates.
-    """
-    top_left = torch.maximum(boxes[..., :, None, :2], others[:, :2])
-    bottom_right = torch.minimum(boxes[..., :, None, 2:], others[:, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    area = (boxes[..., 2:] - boxes[..., :2]).prod(-1)
-    other_area = (others[:, 2:] - others[:, :2]).prod(-1)
-    return inter / (area[..., :, None] + other_area - inter)
 
 
 def match_anchors(

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .augment import mirror_points
-from .loss import box_iou
+from .box_coding import box_iou
 from .postprocessing import Detections, clip_points, nms
 from .preprocessing import Image, InputScale, validate_image
 

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from retinaface_core.anchors import generate_priors
-from retinaface_core.box_coding import box_convert, encode_boxes, encode_landmarks
+from retinaface_core.box_coding import box_convert, box_iou, encode_boxes, encode_landmarks
 from retinaface_core.loss import (
     FaceTargets,
-    box_iou,
     hard_negative_mask,
     match_anchors,
     multibox_loss,
