@@ -216,11 +216,12 @@ class Detector:
 
     def warm_up(self, batch_size: int) -> float:
         """Run one forward pass of ``batch_size`` blank images on every canvas of :meth:`canvases`,
-        so that no later pass pays for kernel selection on a new shape; returns the seconds taken."""
+        so that no later pass pays for kernel selection on a new shape; returns the seconds taken.
+        Nothing to do where shapes cost nothing to meet (a CPU: its bucket canvases are each
+        batch's maximum, see :func:`preprocessing.group_batch`)."""
         start = time.perf_counter()
-        rows = batch_size if self._fixed_batch else 1
-        for height, width in self.canvases():
-            self.forward(torch.zeros((rows, height, width, 3), dtype=torch.uint8, device=self.device))
+        for height, width in self.canvases() if self._fixed_batch else ():
+            self.forward(torch.zeros((batch_size, height, width, 3), dtype=torch.uint8, device=self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start

@@ -139,14 +139,16 @@ def group_batch(
     """Resize each image per ``scale`` and stack them into the forward passes that
     :func:`batching.plan_batches` plans (``batch_size`` None: no limit per pass).
 
-    With ``bucket`` batching canvases come from :func:`batching.canvas_ladder` of the scale;
-    ``fixed_batch`` pads every pass to ``batch_size`` rows, so that a device meets one tensor
-    shape per canvas (the blank rows are computed and ignored).
+    ``fixed_batch`` is for a device where every new tensor shape costs kernel selection: with
+    ``bucket`` batching each canvas is rounded up to :func:`batching.canvas_ladder` of the scale
+    and every pass is padded to ``batch_size`` rows (the blank rows are computed and ignored),
+    so that the device meets few shapes. Without it a bucket canvas is its batch's maximum,
+    which computes the fewest pixels.
     """
     for i, image in enumerate(images):
         validate_image(image, i)
     shapes = [scale.input_shape(int(image.shape[0]), int(image.shape[1]), pad_multiple) for image in images]
-    ladder = canvas_ladder(scale.max_side) if batching == "bucket" else None
+    ladder = canvas_ladder(scale.max_side) if batching == "bucket" and fixed_batch else None
     plans = plan_batches(shapes, batch_size or max(1, len(images)), batching, ladder)
     fill = tuple(int(v) for v in np.clip(np.rint(mean_bgr), 0, 255))
     rows = batch_size if fixed_batch and batch_size else 0

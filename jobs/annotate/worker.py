@@ -169,8 +169,7 @@ class ShardAnnotator:
         self.detector = load_detector(config.detector, config.s3, model, config.num_gpus_per_actor)
         # JPEGs are decoded on the GPU a window at a time; the readers only read and probe them.
         self.device_jpeg = self.detector.device.type == "cuda" and device_decoder_available()
-        seconds = self.detector.warm_up(config.batch_size)
-        log.info("detector on %s ready: %d canvases built in %.1f s", self.detector.device, len(self.detector.canvases()), seconds)
+        log.info("detector on %s ready (warm-up %.1f s)", self.detector.device, self.detector.warm_up(config.batch_size))
         self.store = OutputStore(config.output, config.s3)
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
 
