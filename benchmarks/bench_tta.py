@@ -43,7 +43,7 @@ SETTINGS = (
     "flip",
     "flip+pyramid:long:640,long:1024,long:1600+sizes:all",
     "flip+pyramid:long:640,long:1024,long:1600",
-    "flip+pyramid:auto+sizes:all",
+    "pyramid:long:640,long:1024,long:1600",
     "pyramid:auto",
     "flip+pyramid:auto",
 )

@@ -93,10 +93,11 @@ GRAMMAR = (
 # Megapixels of the largest view of an automatic pyramid, unless the setting names another
 # (at least MIN_MEGAPIXELS: a 100 x 100 view).
 AUTO_MEGAPIXELS, MIN_MEGAPIXELS = 4.0, 0.01
-# Faces a view trusts, against its anchors: from twice the smallest anchor (below, a face is a
-# few pixels of evidence) to half the largest (above, the regression stretches towards sizes
-# no anchor starts from).
-SMALL_FACE_ANCHORS, LARGE_FACE_ANCHORS = 2.0, 0.5
+# Faces a view trusts, against its anchors: from the smallest anchor (the smallest face the
+# network was trained to match; below, a face is a few pixels of evidence) to half the largest
+# (above, the regression stretches towards sizes no anchor starts from, and the face fills much
+# of a training crop).
+SMALL_FACE_ANCHORS, LARGE_FACE_ANCHORS = 1.0, 0.5
 # The faces an automatic pyramid looks for, as fractions of the photo's long side: from a
 # face in a crowd (1/160: WIDER's hard faces in 1,024 px photos) to a portrait (2/5).
 SMALLEST_FACE, LARGEST_FACE = 1 / 160, 2 / 5
@@ -235,9 +236,9 @@ def auto_long_sides(anchor_sizes: AnchorSizes) -> tuple[int, ...]:
     """The long sides of an automatic pyramid, before the photo's own size joins them:
     ``AUTO_SIDES`` in geometric steps.
 
-    The largest puts a face of ``SMALLEST_FACE`` of the long side at the smallest anchor (the
-    smallest trusted size, :func:`anchor_face_range`, is about twice that; such faces are seen
-    in no larger view), the smallest puts one of ``LARGEST_FACE`` at the largest anchor.
+    The largest puts a face of ``SMALLEST_FACE`` of the long side at the smallest anchor, the
+    smallest size a view trusts (:func:`anchor_face_range`); the smallest puts one of
+    ``LARGEST_FACE`` at the largest anchor.
     """
     sizes = [size for level in anchor_sizes for size in level]
     low, high = max(sizes) / LARGEST_FACE, min(sizes) / SMALLEST_FACE

@@ -12,9 +12,10 @@ import torch
 
 from retinaface_core import Detector, RetinaFace, get_config, load_weights
 from retinaface_core.__main__ import parse_args
+from retinaface_core.batching import canvas_ladder, ladder_canvases
 from retinaface_core.evaluation import box_iou_plus_one, evaluate
 from retinaface_core.postprocessing import Detections
-from retinaface_core.preprocessing import InputScale
+from retinaface_core.preprocessing import InputScale, group_batch
 from retinaface_core.tta import (
     TTA,
     anchor_face_range,
@@ -180,12 +181,12 @@ def test_box_vote_of_nothing_is_empty():
 
 
 def test_face_size_ranges_follow_the_anchors():
-    # The 1 MB checkpoint's anchors run from 10 to 256 px: views trust faces of 20..128 px.
-    assert anchor_face_range(ANCHORS_1MB) == (20.0, 128.0)
-    assert anchor_face_range(get_config("resnet50").min_sizes) == (32.0, 256.0)
-    # x0.5 contributes only large faces (>= 40 px in the original), x2 only small ones (<= 64 px);
+    # The 1 MB checkpoint's anchors run from 10 to 256 px: views trust faces of 10..128 px.
+    assert anchor_face_range(ANCHORS_1MB) == (10.0, 128.0)
+    assert anchor_face_range(get_config("resnet50").min_sizes) == (16.0, 256.0)
+    # x0.5 contributes only large faces (>= 20 px in the original), x2 only small ones (<= 64 px);
     # x1, in between, the range itself; the extremes keep everything beyond.
-    assert face_size_ranges([0.5, 1.0, 2.0], ANCHORS_1MB) == [(40.0, np.inf), (20.0, 128.0), (0.0, 64.0)]
+    assert face_size_ranges([0.5, 1.0, 2.0], ANCHORS_1MB) == [(20.0, np.inf), (10.0, 128.0), (0.0, 64.0)]
     assert face_size_ranges([1.0, 1.0], ANCHORS_1MB) == [(0.0, np.inf), (0.0, np.inf)]
 
 
@@ -213,9 +214,9 @@ def test_views_contribute_their_face_sizes_on_a_real_photo(weights_dir, baseball
     expected = [within_sizes(view, *size_range) for view, size_range in zip(alone, ranges)]
     for trusted_part, expected_part in zip(trusted, zip(*expected)):
         np.testing.assert_array_equal(trusted_part, np.concatenate(expected_part))
-    # The ranges drop something real: the enlarged view's large faces, the reduced one's small.
-    reduced, enlarged = (np.sqrt(np.prod(view[0][:, 2:] - view[0][:, :2], axis=1)) for view in (alone[0], alone[2]))
-    assert (reduced < 40).sum() >= 5 and (enlarged > 64).sum() >= 5
+    # The ranges drop something real: the enlarged view's large faces.
+    enlarged = np.sqrt(np.prod(alone[2][0][:, 2:] - alone[2][0][:, :2], axis=1))
+    assert (enlarged > 64).sum() >= 5
     # The confident faces of the plain pass that the views find without ranges, they find with them.
     reference = Detector(score_threshold=0.9).detect(baseball)[0]
     found = {}
@@ -285,6 +286,22 @@ def test_tta_views_run_in_full_batches_of_batch_size(random_net, noise, batch_si
     results = detector.detect(images, batch_size=batch_size)
     assert len(results) == 3
     assert detector.stats.passes == passes and detector.stats.images == 12 and detector.stats.batch_fill == 1.0
+
+
+def test_auto_pyramid_canvases_are_the_ones_warm_up_builds(random_net, noise):
+    # Bucket batches of the automatic pyramid's fixed long sides land on the canvases warm_up
+    # builds; the photo's own view (x1) has no fixed long side: coarse multiples of 64.
+    detector = Detector(random_net, batching="bucket", tta="flip+pyramid:auto")
+    sides = auto_long_sides(detector.config.min_sizes)
+    canvases = set(detector.canvases())
+    assert canvases == {canvas for side in sides for canvas in ladder_canvases(side, canvas_ladder(side))}
+    for image in (noise, cv2.resize(noise, (1100, 750))):
+        scales = auto_scales(*image.shape[:2], detector.config.min_sizes)
+        assert any(scale.max_side is None for scale in scales) and any(scale.max_side for scale in scales)
+        for scale in scales:
+            groups = group_batch([image, mirrored(image)], scale, 1, detector.config.mean_bgr, "bucket", 4)
+            canvas = tuple(groups[0].host.shape[1:3])
+            assert canvas in canvases if scale.max_side else canvas[0] % 64 == canvas[1] % 64 == 0, (scale, canvas)
 
 
 def unmirror(faces: Detections, width: int) -> Detections:
