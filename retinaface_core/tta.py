@@ -76,8 +76,8 @@ ViewResult = tuple[np.ndarray, np.ndarray, np.ndarray]
 """Candidates of one view: (M, 4) x1, y1, x2, y2 boxes, (M,) scores, (M, 5, 2) landmarks."""
 
 ViewCandidates = Callable[[Sequence[Image], InputScale], list[ViewResult]]
-"""Runs views at a scale; per view, its candidates above the score threshold before NMS, in the
-view's pixels: (M, 4) boxes, (M,) scores, (M, 5, 2) landmarks."""
+"""Runs views at a scale (in the detector's batches); per view, its candidates (``ViewResult``)
+above the score threshold before NMS, in that view's original pixels."""
 
 AnchorSizes = Sequence[Sequence[int]]
 """Anchor side lengths in network input pixels, one sequence per FPN level (``RetinaFaceConfig.min_sizes``)."""
