@@ -66,7 +66,7 @@ class DetectorSettings:
             "help": (
                 "test-time augmentation: none, or flip and/or pyramid:SCALE,... or pyramid:auto, merged by vote (default) "
                 "or nms, each view keeping the face sizes its anchors cover (sizes:anchors, the default) or all, "
-                "e.g. flip+pyramid:auto (see retinaface_core/tta.py)"
+                "e.g. pyramid:auto (see retinaface_core/tta.py)"
             )
         },
     )

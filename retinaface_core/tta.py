@@ -54,7 +54,7 @@ import torch
 from .augment import mirror_points
 from .box_coding import box_iou
 from .postprocessing import Detections, clip_points, nms
-from .preprocessing import Image, InputScale, validate_image
+from .preprocessing import MIN_FACTOR, Image, InputScale, validate_image
 
 
 class MergeSettings(Protocol):
@@ -101,9 +101,10 @@ SMALL_FACE_ANCHORS, LARGE_FACE_ANCHORS = 1.0, 0.5
 # The faces an automatic pyramid looks for, as fractions of the photo's long side: from a
 # face in a crowd (1/160: WIDER's hard faces in 1,024 px photos) to a portrait (2/5).
 SMALLEST_FACE, LARGEST_FACE = 1 / 160, 2 / 5
-# Long sides of an automatic pyramid between its smallest and largest: dense enough that a
-# face lies within the trusted sizes of several views, which vote on its box.
-AUTO_SIDES = 5
+# Long sides of an automatic pyramid between its smallest and largest (steps of 1.2x): dense
+# enough that a face lies within the trusted sizes of several views, which vote on its box.
+# Votes from one more scale cost a view each; a flip's cost a second copy of every view.
+AUTO_SIDES = 6
 # An automatic pyramid enlarges a photo at most this much: upsampling adds no detail.
 MAX_ENLARGEMENT = 4.0
 # Candidates per chunk of box_vote's IoU against the cluster heads: bounds its memory however
@@ -249,28 +250,31 @@ def auto_scales(height: int, width: int, anchor_sizes: AnchorSizes, megapixels: 
     """The views of a ``height`` x ``width`` photo in an automatic pyramid.
 
     The photo as it is (``x1``: its own detail, no resampling), then each of
-    :func:`auto_long_sides` (an enlargement capped at ``MAX_ENLARGEMENT``) unless it lies within
-    half a step of the pyramid of a view already chosen. A view above ``megapixels`` shrinks to
-    fit: a relative scale rounded down to 1/64, so that photos of one size share it; views then
-    equal merge.
+    :func:`auto_long_sides` unless it lies within half a step of the pyramid of a view already
+    chosen. An enlargement stops at ``MAX_ENLARGEMENT`` (``xF``), and a view above
+    ``megapixels`` shrinks to fit (``xF``, F rounded down to 1/64, so that photos of one size
+    share it); views then equal merge. So every view has one of the long sides of
+    :func:`auto_long_sides`, whose canvases a detector builds before its first pass, or no
+    fixed long side at all.
     """
     long_side = max(height, width)
     sides = auto_long_sides(anchor_sizes)
     half_step = math.log(sides[-1] / sides[0]) / (len(sides) - 1) / 2
-    factors = [1.0]
+    fitting = max(math.floor(64 * math.sqrt(megapixels * 1e6 / (height * width))), math.ceil(64 * MIN_FACTOR)) / 64
+    views = [(1.0, InputScale("relative", factor=1.0))]
     for side in sides:
-        factor = min(side / long_side, MAX_ENLARGEMENT)
-        if all(abs(math.log(factor / chosen)) >= half_step for chosen in factors):
-            factors.append(factor)
-    fitting = max(math.floor(64 * math.sqrt(megapixels * 1e6 / (height * width))) / 64, 1 / 64)
+        factor = side / long_side
+        view = (
+            (factor, InputScale("long", side))
+            if factor <= MAX_ENLARGEMENT
+            else (MAX_ENLARGEMENT, InputScale("relative", factor=MAX_ENLARGEMENT))
+        )
+        if all(abs(math.log(view[0] / chosen)) >= half_step for chosen, _ in views):
+            views.append(view)
     scales: list[InputScale] = []
-    for factor in factors:
+    for factor, scale in views:
         if factor > fitting:
             scale = InputScale("relative", factor=fitting)
-        elif factor == 1.0:
-            scale = InputScale("relative", factor=1.0)
-        else:
-            scale = InputScale("long", round(factor * long_side))
         if scale not in scales:
             scales.append(scale)
     return tuple(scales)
