@@ -166,10 +166,10 @@ def landmark_errors(weights: LoadedWeights, image: np.ndarray) -> dict[str, np.n
     mirror_candidates = pooled_candidates([mirrored], TTA(), detector.view_candidates, detector.scale, anchors)[0]
     errors = {}
     for vote in (True, False):
-        boxes, _, landmarks = box_vote(*flip_candidates, detector.nms_iou, vote_landmarks=vote)
+        boxes, _, landmarks = box_vote(*flip_candidates, detector.settings.nms_iou, vote_landmarks=vote)
         errors[f"flip, {'vote' if vote else 'top'}"] = normalised_errors(boxes, landmarks, reference)
     for vote in (True, False):
-        boxes, _, landmarks = box_vote(*mirror_candidates, detector.nms_iou, vote_landmarks=vote)
+        boxes, _, landmarks = box_vote(*mirror_candidates, detector.settings.nms_iou, vote_landmarks=vote)
         boxes, landmarks = mirror_points(boxes, landmarks, image.shape[1])
         errors[f"mirror view, {'vote' if vote else 'top'}"] = normalised_errors(boxes, landmarks, reference)
     return errors
