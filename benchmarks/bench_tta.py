@@ -1,16 +1,20 @@
-"""WIDER FACE AP and speed of test-time augmentation settings on the shared val images.
+"""WIDER FACE AP and pixel cost of test-time augmentation settings, on photos of three size bands.
 
-    RETINAFACE_WEIGHTS_DIR=../shared/weights python benchmarks/bench_tta.py \
-        [--weights NAME|PATH] [--scale long:640] [--tta SETTING ...] [--repeats 3] [--no-landmarks]
+    RETINAFACE_WEIGHTS_DIR=../shared/weights python benchmarks/bench_tta.py \\
+        [--weights NAME|PATH] [--scale original] [--tta SETTING ...] [--bands 400 as-is 2000] \\
+        [--repeats 0] [--no-landmarks]
 
-For single scale (``none``) and each TTA setting (see :mod:`retinaface_core.tta`), runs the
-detector at the evaluation settings of ``jobs.evaluate`` (score threshold 0.02, top-k 5000,
-NMS 0.4, keep 750) over the WIDER val images in ``../shared/widerface/val/images`` one image
-at a time, scores them with the official protocol in subset mode (only the images present
-count) and prints a Markdown table: AP per level, and images/s (decoded images in, results
-out; the best of ``--repeats`` timed passes after the untimed one that gives the AP, since
-other load on a shared machine only ever slows a pass down). ``--scale`` is the base scale:
-that of single scale and of settings without a pyramid.
+Bands, made from the 12 WIDER val images in ``../shared/widerface/val/images`` (1,024 px wide):
+the images as they are (``as-is``), and the same resized so that their long side is N pixels
+(``N``: cv2.INTER_AREA to reduce, INTER_LINEAR to enlarge), with the ground truth boxes scaled
+alike. In each band, one plain pass at the base scale ``--scale`` and each TTA setting (see
+:mod:`retinaface_core.tta`) run at the evaluation settings of ``jobs.evaluate`` (score threshold
+0.02, top-k 5000, NMS 0.4, keep 750), one photo at a time, and are scored with the official
+protocol in subset mode (only the images present count). Each band prints a Markdown table:
+views per photo, the pixels the network computed relative to the plain pass and in megapixels
+per photo (image content, without padding), AP per level and its gain over the plain pass, and with ``--repeats N``
+images/s (the best of N timed passes after the one that gives the AP, since other load on a
+shared machine only ever slows a pass down).
 
 Then, on the two crowd photos, the landmark error of voted landmarks against the top member's
 (:func:`landmark_errors`).
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -29,24 +34,30 @@ import numpy as np
 from retinaface_core import Detections, Detector, load_weights
 from retinaface_core.augment import mirror_points
 from retinaface_core.evaluation import box_iou_plus_one, evaluate
-from retinaface_core.tta import TTA, box_vote, view_candidates
+from retinaface_core.tta import TTA, box_vote, pooled_candidates
 from retinaface_core.weights import LoadedWeights
-from retinaface_core.widerface import read_ground_truth_mat, submission_rows
+from retinaface_core.widerface import WiderValGroundTruth, read_ground_truth_mat, submission_rows
 
 SHARED = Path(os.environ.get("RETINAFACE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 SETTINGS = (
-    "none",
     "flip",
-    "flip+merge:nms",
-    "pyramid:original,long:640,long:832+merge:nms",
-    "pyramid:original,long:640,long:832",
-    "pyramid:long:640,long:1024,long:1600+merge:nms",
-    "pyramid:long:640,long:1024,long:1600",
-    "flip+pyramid:long:640,long:1024,long:1600+merge:nms",
+    "flip+pyramid:long:640,long:1024,long:1600+sizes:all",
     "flip+pyramid:long:640,long:1024,long:1600",
-    "flip+pyramid:long:320,long:640,long:1024,long:1600",
+    "pyramid:long:640,long:1024,long:1600",
+    "pyramid:auto",
+    "flip+pyramid:auto",
 )
+BANDS = ("400", "as-is", "2000")
 CROWD_PHOTOS = ("crowd_selfie.jpg", "crowd_baseball.jpg")
+
+
+@dataclass
+class Band:
+    """Photos of one size band, by ``EVENT/NAME``, and the ground truth scaled to them."""
+
+    name: str
+    images: dict[str, np.ndarray]
+    gt: WiderValGroundTruth
 
 
 def val_images() -> dict[str, np.ndarray]:
@@ -58,6 +69,23 @@ def val_images() -> dict[str, np.ndarray]:
     return {f"{p.parent.name}/{p.stem}": cv2.imread(str(p)) for p in paths}
 
 
+def make_band(name: str, images: dict[str, np.ndarray], gt: WiderValGroundTruth) -> Band:
+    """The band ``name`` (``as-is`` or a long side in pixels) of ``images``, with its ground truth."""
+    gt = gt.subset(images)
+    if name == "as-is":
+        return Band(name, images, gt)
+    long_side = int(name)
+    resized, boxes = {}, {}
+    for key, image in images.items():
+        height, width = image.shape[:2]
+        factor = long_side / max(height, width)
+        size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        resized[key] = cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+        sx, sy = size[0] / width, size[1] / height
+        boxes[key] = gt.boxes[key] * np.array([sx, sy, sx, sy])
+    return Band(f"{long_side} px", resized, WiderValGroundTruth(boxes=boxes, counts=gt.counts))
+
+
 def predict(detector: Detector, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Predictions in the protocol's (N, 5) layout per image, one image at a time."""
     predictions = {}
@@ -67,17 +95,46 @@ def predict(detector: Detector, images: dict[str, np.ndarray]) -> dict[str, np.n
     return predictions
 
 
-def speeds(detectors: list[Detector], images: dict[str, np.ndarray], rounds: int) -> list[float]:
-    """Images/s of each detector: the best of ``rounds`` passes, the detectors taking turns
-    within each round, so that a burst of other load on a shared machine slows one pass of
-    each rather than every pass of one."""
-    best = [0.0] * len(detectors)
+@dataclass
+class Row:
+    setting: str
+    ap: dict[str, float]
+    views: float
+    pixels: int
+    speed: float = float("nan")
+
+
+def measure(detector: Detector, setting: str, band: Band) -> Row:
+    """AP of ``detector`` on ``band``, with the views per photo and the pixels it computed."""
+    before = replace(detector.stats)
+    ap = evaluate(predict(detector, band.images), band.gt, subset=True).ap
+    work = detector.stats - before
+    return Row(setting, ap, work.images / len(band.images), work.content_pixels)
+
+
+def best_speed(detector: Detector, images: dict[str, np.ndarray], rounds: int) -> float:
+    """Images/s: the best of ``rounds`` passes."""
+    best = 0.0
     for _ in range(rounds):
-        for i, detector in enumerate(detectors):
-            start = time.perf_counter()
-            predict(detector, images)
-            best[i] = max(best[i], len(images) / (time.perf_counter() - start))
+        start = time.perf_counter()
+        predict(detector, images)
+        best = max(best, len(images) / (time.perf_counter() - start))
     return best
+
+
+def print_band(band: Band, rows: list[Row], timed: bool) -> None:
+    plain = rows[0]
+    faces = {level: band.gt.num_faces(level) for level in ("easy", "medium", "hard")}
+    print(f"\n{band.name} ({len(band.images)} photos; {faces['easy']} Easy, {faces['medium']} Medium, {faces['hard']} Hard faces)\n")
+    print("| TTA | views/photo | pixels | MP/photo | Easy | Medium | Hard | gain Easy / Medium / Hard |" + (" img/s |" if timed else ""))
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |" + (" ---: |" if timed else ""))
+    for row in rows:
+        ap = [100 * row.ap[level] for level in ("easy", "medium", "hard")]
+        gain = " / ".join(f"{100 * (row.ap[level] - plain.ap[level]):+.1f}" for level in ("easy", "medium", "hard"))
+        speed = f" {row.speed:.2f} |" if timed else ""
+        megapixels = row.pixels / len(band.images) / 1e6
+        cells = f"{row.views:g} | {row.pixels / plain.pixels:.1f}x | {megapixels:.2f} | {ap[0]:.1f} | {ap[1]:.1f} | {ap[2]:.1f}"
+        print(f"| `{row.setting}` | {cells} | {gain} |{speed}", flush=True)
 
 
 def normalised_errors(boxes: np.ndarray, landmarks: np.ndarray, reference: Detections) -> np.ndarray:
@@ -104,14 +161,15 @@ def landmark_errors(weights: LoadedWeights, image: np.ndarray) -> dict[str, np.n
     detector = Detector(weights, score_threshold=0.5)
     reference = detector.detect(image)[0]
     mirrored = np.ascontiguousarray(image[:, ::-1])
-    flip_candidates = view_candidates(detector, [image], TTA(flip=True))[0]
-    mirror_candidates = view_candidates(detector, [mirrored], TTA())[0]
+    anchors = detector.config.min_sizes
+    flip_candidates = pooled_candidates([image], TTA(flip=True), detector.view_candidates, detector.scale, anchors)[0]
+    mirror_candidates = pooled_candidates([mirrored], TTA(), detector.view_candidates, detector.scale, anchors)[0]
     errors = {}
     for vote in (True, False):
-        boxes, _, landmarks = box_vote(*flip_candidates, detector.nms_iou, vote_landmarks=vote)
+        boxes, _, landmarks = box_vote(*flip_candidates, detector.settings.nms_iou, vote_landmarks=vote)
         errors[f"flip, {'vote' if vote else 'top'}"] = normalised_errors(boxes, landmarks, reference)
     for vote in (True, False):
-        boxes, _, landmarks = box_vote(*mirror_candidates, detector.nms_iou, vote_landmarks=vote)
+        boxes, _, landmarks = box_vote(*mirror_candidates, detector.settings.nms_iou, vote_landmarks=vote)
         boxes, landmarks = mirror_points(boxes, landmarks, image.shape[1])
         errors[f"mirror view, {'vote' if vote else 'top'}"] = normalised_errors(boxes, landmarks, reference)
     return errors
@@ -120,33 +178,35 @@ def landmark_errors(weights: LoadedWeights, image: np.ndarray) -> dict[str, np.n
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default="mobilenet0.25-1mb", help="checkpoint name or path")
-    parser.add_argument("--scale", default="long:640", help="base scale: single scale, and TTA settings without a pyramid")
-    parser.add_argument("--tta", nargs="+", default=SETTINGS, help="settings to measure ('none' = single scale)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting; the best counts")
+    parser.add_argument("--scale", default="original", help="base scale: the plain pass, and TTA settings without a pyramid")
+    parser.add_argument("--tta", nargs="*", default=SETTINGS, help="settings to measure besides the plain pass (none: the plain pass only)")
+    parser.add_argument("--bands", nargs="*", default=BANDS, help="'as-is' and/or long sides in pixels (none: landmarks only)")
+    parser.add_argument("--repeats", type=int, default=0, help="timed passes per setting for img/s (0: no timing)")
     parser.add_argument("--no-landmarks", action="store_true", help="skip the landmark measurement")
     args = parser.parse_args()
     weights = load_weights(args.weights)
     gt = read_ground_truth_mat(str(SHARED / "widerface/ground_truth"))
     images = val_images()
-    print(f"{weights.name} (sha256 {weights.sha256[:12]}), base scale {args.scale}, {len(images)} WIDER val images, subset mode\n")
-    detectors, aps = [], []
-    for setting in args.tta:
-        detector = Detector(weights, scale=args.scale, score_threshold=0.02, top_k=5000, nms_iou=0.4, keep_top_k=750, tta=setting)
-        detectors.append(detector)
-        aps.append(evaluate(predict(detector, images), gt, subset=True).ap)  # also the warm-up
-    print("| TTA | views/image | Easy | Medium | Hard | img/s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for setting, detector, ap, speed in zip(args.tta, detectors, aps, speeds(detectors, images, args.repeats)):
-        views = detector.tta.num_views
-        print(f"| `{setting}` | {views} | {100 * ap['easy']:.1f} | {100 * ap['medium']:.1f} | {100 * ap['hard']:.1f} | {speed:.2f} |")
+    print(f"{weights.name} (sha256 {weights.sha256[:12]}), base scale {args.scale}, WIDER val images, subset mode")
+    settings = ["none", *args.tta]
+    detectors = [
+        Detector(weights, scale=args.scale, score_threshold=0.02, top_k=5000, nms_iou=0.4, keep_top_k=750, tta=setting)
+        for setting in settings
+    ]
+    for name in args.bands:
+        band = make_band(name, images, gt)
+        rows = [measure(detector, setting, band) for setting, detector in zip(settings, detectors)]
+        for row, detector in zip(rows, detectors):
+            row.speed = best_speed(detector, band.images, args.repeats) if args.repeats else float("nan")
+        print_band(band, rows, bool(args.repeats))
     if args.no_landmarks:
         return
     print("\nLandmark error (mean distance / face width) against the reference's landmarks, faces at score >= 0.5:\n")
     print("| photo | measure | faces | mean | median |")
     print("| --- | --- | ---: | ---: | ---: |")
     for photo in CROWD_PHOTOS:
-        for measure, errors in landmark_errors(weights, cv2.imread(str(SHARED / "images" / photo))).items():
-            print(f"| {photo} | {measure} | {len(errors)} | {errors.mean():.4f} | {np.median(errors):.4f} |", flush=True)
+        for measure_name, errors in landmark_errors(weights, cv2.imread(str(SHARED / "images" / photo))).items():
+            print(f"| {photo} | {measure_name} | {len(errors)} | {errors.mean():.4f} | {np.median(errors):.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from .preprocessing import Image, InputGroup, InputScale, group_batch, to_networ
 from .registry import ResolvedModel, resolve_model
 from .runtime import bound_kernel_caches, keep_freed_memory
 from .storage import StorageOptions
-from .tta import TTA, detect_with_tta
+from .tta import TTA, ViewResult, auto_long_sides, detect_with_tta
 from .weights import LoadedWeights, load_weights
 
 _NO_CANDIDATES = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
@@ -48,7 +48,7 @@ class DetectorSettings:
         default=None,
         metadata={"help": "architecture/anchor config name, for a checkpoint that is neither published nor made by jobs.train"},
     )
-    scale: str = field(default="original", metadata={"help": "network input size: original, long:N or square:N"})
+    scale: str = field(default="original", metadata={"help": "network input size: original, long:N, square:N or xF (resized by F)"})
     score_threshold: float = field(default=0.5, metadata={"help": "keep faces with score above this"})
     nms_iou: float = field(default=0.4, metadata={"help": "NMS IoU threshold"})
     top_k: int = field(default=5000, metadata={"help": "candidates per image before NMS"})
@@ -64,8 +64,9 @@ class DetectorSettings:
         default="none",
         metadata={
             "help": (
-                "test-time augmentation: none, or flip and/or pyramid:SCALE,... merged by vote (default) or nms, "
-                "e.g. flip+pyramid:long:640,long:1024,long:1600 (see retinaface_core/tta.py)"
+                "test-time augmentation: none, or flip and/or pyramid:SCALE,... or pyramid:auto, merged by vote (default) "
+                "or nms, each view keeping the face sizes its anchors cover (sizes:anchors, the default) or all, "
+                "e.g. pyramid:auto (see retinaface_core/tta.py)"
             )
         },
     )
@@ -201,18 +202,24 @@ class Detector:
 
     def canvases(self, scales: Sequence[InputScale] = ()) -> list[tuple[int, int]]:
         """The (height, width) network inputs bucket batches at ``scales`` (default: the
-        detector's own and its TTA pyramid's) can have, where the set is bounded (a fixed long
-        side); exact batching and other scales have no such set and contribute nothing."""
+        detector's own and its TTA pyramid's, the long sides of an automatic pyramid included)
+        can have, where the set is bounded (a fixed long side); exact batching and other scales
+        (``original``, ``xF``) have no such set and contribute nothing."""
         if self.settings.batching != "bucket":
             return []
         shapes: set[tuple[int, int]] = set()
-        for scale in scales or (self.tta.scales or (self.scale,)):
+        for scale in scales or self._own_scales():
             if scale.mode == "square" and scale.max_side:
                 side = -(-scale.max_side // self.settings.pad_multiple) * self.settings.pad_multiple
                 shapes.add((side, side))
             elif scale.max_side:
                 shapes.update(ladder_canvases(scale.max_side, canvas_ladder(scale.max_side)))
         return sorted(shapes)
+
+    def _own_scales(self) -> tuple[InputScale, ...]:
+        if self.tta.auto is not None:
+            return tuple(InputScale("long", side) for side in auto_long_sides(self.config.min_sizes))
+        return self.tta.scales or (self.scale,)
 
     def warm_up(self, batch_size: int) -> float:
         """Run one forward pass of ``batch_size`` blank images on every canvas of :meth:`canvases`,
@@ -236,7 +243,8 @@ class Detector:
         """
         batch = [images] if isinstance(images, (np.ndarray, torch.Tensor)) else list(images)
         if self.tta.enabled:
-            return detect_with_tta(batch, self.tta, partial(self.view_candidates, batch_size=batch_size), self.settings)
+            views = partial(self.view_candidates, batch_size=batch_size)
+            return detect_with_tta(batch, self.tta, views, self.settings, self.config.min_sizes)
         return self.detect_faces(batch, batch_size).detections()
 
     def detect_faces(self, images: Sequence[Image], batch_size: int | None = None) -> FaceBatch:
@@ -253,9 +261,7 @@ class Detector:
                 parts.append((select_faces(candidates, s.score_threshold, s.nms_iou, s.keep_top_k, clip_to), group.indices))
         return FaceBatch.merge(parts, len(images), self.device)
 
-    def view_candidates(
-        self, views: Sequence[Image], scale: InputScale, batch_size: int | None = None
-    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def view_candidates(self, views: Sequence[Image], scale: InputScale, batch_size: int | None = None) -> list[ViewResult]:
         """Per view, its candidates above the score threshold before NMS, in that view's pixels:
         (M, 4) boxes, (M,) scores, (M, 5, 2) landmarks; the views run in this detector's batches."""
         found = [_NO_CANDIDATES] * len(views)

@@ -37,16 +37,31 @@ class InvalidImageError(ValueError):
     """An input array that is not an H x W x 3 uint8 BGR image."""
 
 
+# Bounds of a relative scale's factor: below, a photo of a few hundred pixels vanishes; above,
+# a phone photo becomes a canvas no accelerator holds.
+MIN_FACTOR, MAX_FACTOR = 0.05, 16.0
+
+
 @dataclass(frozen=True)
 class InputScale:
     """How an image is sized for the network.
 
     ``original``: as is. ``long:N``: resized (aspect kept) so that its long side is N.
     ``square:N``: letterboxed: resized (aspect kept) to fit N x N, then padded to N x N.
+    ``xF`` (mode ``relative``): resized by the factor F (aspect kept), e.g. ``x0.5``, ``x2``:
+    relative to each photo, so a pyramid of them treats a thumbnail and a 12 MP photo alike.
     """
 
-    mode: Literal["original", "long", "square"]
+    mode: Literal["original", "long", "square", "relative"]
     size: int | None = None
+    factor: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode == "relative":
+            if self.factor is None or self.size is not None or not MIN_FACTOR <= self.factor <= MAX_FACTOR:
+                raise ValueError(f"relative input scale needs a factor in [{MIN_FACTOR}, {MAX_FACTOR}] and no size, got {self!r}")
+        elif self.factor is not None:
+            raise ValueError(f"input scale {self.mode!r} takes no factor, got {self.factor!r}")
 
     @classmethod
     def parse(cls, text: str | InputScale) -> InputScale:
@@ -54,25 +69,37 @@ class InputScale:
             return text
         if text == "original":
             return cls("original")
+        relative = re.fullmatch(r"x(\d+(?:\.\d+)?)", text)
+        if relative and MIN_FACTOR <= float(relative.group(1)) <= MAX_FACTOR:
+            return cls("relative", factor=float(relative.group(1)))
         match = re.fullmatch(r"(long|square):(\d+)", text)
         if not match or int(match.group(2)) < 32:
-            raise ValueError(f"input scale must be 'original', 'long:N' or 'square:N' with N >= 32, got {text!r}")
+            raise ValueError(
+                f"input scale must be 'original', 'long:N' or 'square:N' with N >= 32, "
+                f"or 'xF' with F in [{MIN_FACTOR}, {MAX_FACTOR}], got {text!r}"
+            )
         return cls(match.group(1), int(match.group(2)))  # type: ignore[arg-type]
 
     def __str__(self) -> str:
+        if self.mode == "relative":
+            # The shortest text that parses back to the same float: x2, x0.5, x0.3333333.
+            return "x" + repr(self.factor).removesuffix(".0")
         return self.mode if self.mode == "original" else f"{self.mode}:{self.size}"
 
     @property
     def max_side(self) -> int | None:
-        """The long side of every network input at this scale, where it is fixed."""
+        """The long side of every network input at this scale, where it is fixed (``long:N``,
+        ``square:N``); None where it follows each image's own size (``original``, ``xF``)."""
         return self.size if self.mode in ("long", "square") else None
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of the image content inside the network input."""
-        if self.mode == "original":
+        if self.factor is not None:
+            factor = self.factor
+        elif self.size is not None:
+            factor = self.size / max(height, width)
+        else:
             return height, width
-        assert self.size is not None
-        factor = self.size / max(height, width)
         return max(1, round(height * factor)), max(1, round(width * factor))
 
     def input_shape(self, height: int, width: int, pad_multiple: int) -> tuple[int, int]:

@@ -40,6 +40,7 @@ from jobs.annotate.report import BACKGROUND, TILE, box_tile, tile_origins
 from jobs.annotate.report import main as report_main
 from jobs.annotate.shards import make_shards
 from retinaface_core import Detector, align_faces
+from retinaface_core.evaluation import box_iou_plus_one
 from retinaface_core.image_io import read_image
 from retinaface_core.registry import ModelRegistry
 from retinaface_core.training import model_checkpoint_bytes
@@ -506,16 +507,23 @@ def test_grown_input_gets_only_its_new_images_and_a_shrunk_one_is_reported(ray_s
     assert len(read_output(output)) == 40, "rows of deleted objects are reported, not dropped"
 
 
-def test_tta_is_recorded_and_not_mixed(ray_session, bucket_input, tmp_path):
+def test_tta_is_recorded_and_not_mixed(ray_session, bucket_input, shared_dir, tmp_path):
     _, _, expected = bucket_input
     subset = sorted(u for u in expected if "crowd_baseball" in u or "astronaut_face_crop" in u)
     manifest = tmp_path / "subset.txt"
     manifest.write_text("\n".join(subset))
     output = str(tmp_path / "out")
-    run(job_config(str(manifest), output, tta="pyramid:long:640,long:320+flip"))
+    # The recommended automatic pyramid: per-photo views, relative (x1) and fixed long sides.
+    run(job_config(str(manifest), output, tta="pyramid:auto+flip", actors=1))
     rows = read_output(output)
-    assert set(rows["tta"]) == {"flip+pyramid:long:640,long:320"} and len(rows) == len(subset)
-    assert json.loads((tmp_path / "out" / "_dataset.json").read_text())["tta"] == "flip+pyramid:long:640,long:320"
+    assert set(rows["tta"]) == {"flip+pyramid:auto"} and len(rows) == len(subset)
+    assert json.loads((tmp_path / "out" / "_dataset.json").read_text())["tta"] == "flip+pyramid:auto"
+    # Its views come back in the photo's pixels: every confident face of one plain pass is there.
+    baseball = rows[rows["uri"].str.contains("crowd_baseball")].iloc[0]
+    plain = Detector(score_threshold=0.9).detect(read_image(str(shared_dir / "images/crowd_baseball.jpg")))[0]
+    got = faces_of(baseball)[["x1", "y1", "x2", "y2"]].to_numpy()
+    assert len(plain) >= 10 and len(got) >= len(plain)
+    assert (box_iou_plus_one(plain.boxes, got).max(axis=1) >= 0.5).all()
     with pytest.raises(JobError, match="other settings.*tta"):
         run(job_config(str(manifest), output))
 
