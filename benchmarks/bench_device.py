@@ -19,7 +19,7 @@ Four parts, on a realistic mix of photo sizes (``../shared/widerface/val_image_s
    in the steady state (``nvidia-smi``), and host milliseconds per image by stage (the rows'
    ``read_ms``, ``decode_ms``, ``detect_ms``, ``quality_ms``).
 
-    python -m benchmarks.bench_device --device cuda --images 2048 --job-images 30000 --precisions fp16
+    python -m benchmarks.bench_device --device cuda --images 2048 --job-images 30000 --precisions fp16 --tta pyramid:auto
     python -m benchmarks.bench_device --device cpu --images 24 --scale long:320 --job-images 48   # CPU: small, so it cannot rot
 """
 
@@ -347,7 +347,9 @@ def main() -> None:
     parser.add_argument("--scale", default=None, help="default: long:640 on cuda, long:320 on cpu")
     parser.add_argument("--precisions", nargs="+", default=None, help="default: fp16 fp32 on cuda, fp32 bf16 on cpu")
     parser.add_argument("--batches", nargs="+", type=int, default=[32, 64], help="batch sizes of the detect part")
-    parser.add_argument("--tta", default=None, help="also time this TTA setting (first precision, largest batch)")
+    parser.add_argument(
+        "--tta", default=None, help="also time this TTA setting (first precision, largest batch), e.g. the recommended pyramid:auto"
+    )
     parser.add_argument("--job-images", type=int, default=None, help="files of the job part (default: 30000 on cuda, 48 on cpu)")
     parser.add_argument("--job-arg", action="append", default=[], help="extra flag for the job (repeat), e.g. --job-arg=--batch-size=64")
     parser.add_argument("--no-job", action="store_true", help="skip the end-to-end job")

@@ -22,7 +22,7 @@ from .preprocessing import Image, InputGroup, InputScale, group_batch, to_networ
 from .registry import ResolvedModel, resolve_model
 from .runtime import bound_kernel_caches, keep_freed_memory
 from .storage import StorageOptions
-from .tta import TTA, ViewResult, auto_long_sides, detect_with_tta
+from .tta import TTA, ViewResult, auto_canvas_sides, detect_with_tta
 from .weights import LoadedWeights, load_weights
 
 _NO_CANDIDATES = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
@@ -202,7 +202,7 @@ class Detector:
 
     def canvases(self, scales: Sequence[InputScale] = ()) -> list[tuple[int, int]]:
         """The (height, width) network inputs bucket batches at ``scales`` (default: the
-        detector's own and its TTA pyramid's, the long sides of an automatic pyramid included)
+        detector's own and its TTA pyramid's; an automatic pyramid's of :func:`tta.auto_canvas_sides`)
         can have, where the set is bounded (a fixed long side); exact batching and other scales
         (``original``, ``xF``) have no such set and contribute nothing."""
         if self.settings.batching != "bucket":
@@ -218,7 +218,7 @@ class Detector:
 
     def _own_scales(self) -> tuple[InputScale, ...]:
         if self.tta.auto is not None:
-            return tuple(InputScale("long", side) for side in auto_long_sides(self.config.min_sizes))
+            return tuple(InputScale("long", side) for side in auto_canvas_sides(self.config.min_sizes, self.tta.auto))
         return self.tta.scales or (self.scale,)
 
     def warm_up(self, batch_size: int) -> float:

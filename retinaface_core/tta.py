@@ -23,9 +23,11 @@ every view.
 
 **Relative and automatic pyramids.** Scales relative to each photo (``x0.5``, ``x1``, ``x2``)
 treat a thumbnail and a 12 MP photo alike. ``pyramid:auto`` picks the views of each photo from
-its size and the anchors (:func:`auto_scales`): the photo as it is (its own detail, no
-resampling) plus the long sides at which the anchors cover the face sizes photos hold
-(:func:`auto_long_sides`), no view above a pixel budget.
+its size and the anchors (:func:`auto_scales`): the photo at about its own size plus the long
+sides at which the anchors cover the face sizes photos hold (:func:`auto_long_sides`), no view
+above a pixel budget. Every view's long side comes from one geometric ladder, so that a GPU
+meets a fixed set of canvases (each new shape costs it a round of kernel selection) whatever
+the photos' sizes.
 
 Settings have a string form, for command lines and run records::
 
@@ -54,7 +56,7 @@ import torch
 from .augment import mirror_points
 from .box_coding import box_iou
 from .postprocessing import Detections, clip_points, nms
-from .preprocessing import MIN_FACTOR, Image, InputScale, validate_image
+from .preprocessing import Image, InputScale, validate_image
 
 
 class MergeSettings(Protocol):
@@ -107,6 +109,11 @@ SMALLEST_FACE, LARGEST_FACE = 1 / 160, 2 / 5
 AUTO_SIDES = 6
 # An automatic pyramid enlarges a photo at most this much: upsampling adds no detail.
 MAX_ENLARGEMENT = 4.0
+# The smallest long side of an automatic view (InputScale's minimum).
+MIN_AUTO_SIDE = 32
+# The photos whose automatic views' canvases a detector builds before its first pass: long
+# sides from WARM_SMALLEST_SIDE, aspect ratios up to WARM_ASPECT (2:1 holds 4:3, 3:2 and 16:9).
+WARM_SMALLEST_SIDE, WARM_ASPECT = 256, 2.0
 # Candidates per chunk of box_vote's IoU against the cluster heads: bounds its memory however
 # many candidates a crowd photo's pyramid yields, and narrow chunks meet few heads (512 rows
 # compute 22 % of all candidate-head pairs on the shared WIDER images, 2048 rows 36 %).
@@ -233,51 +240,71 @@ def face_size_ranges(factors: Sequence[float], anchor_sizes: AnchorSizes) -> lis
     return [(0.0 if f == high else smallest / f, math.inf if f == low else largest / f) for f in factors]
 
 
-def auto_long_sides(anchor_sizes: AnchorSizes) -> tuple[int, ...]:
-    """The long sides of an automatic pyramid, before the photo's own size joins them:
-    ``AUTO_SIDES`` in geometric steps.
+def _auto_ladder(anchor_sizes: AnchorSizes) -> tuple[float, float]:
+    """(first, ratio) of the automatic pyramid's long sides: ``first * ratio**k`` for integer k.
 
-    The largest puts a face of ``SMALLEST_FACE`` of the long side at the smallest anchor, the
-    smallest size a view trusts (:func:`anchor_face_range`); the smallest puts one of
-    ``LARGEST_FACE`` at the largest anchor.
+    Side 0 puts a face of ``LARGEST_FACE`` of the long side at the largest anchor, side
+    ``AUTO_SIDES - 1`` one of ``SMALLEST_FACE`` at the smallest anchor, the smallest size a view
+    trusts (:func:`anchor_face_range`); the same steps continue below and above.
     """
     sizes = [size for level in anchor_sizes for size in level]
     low, high = max(sizes) / LARGEST_FACE, min(sizes) / SMALLEST_FACE
-    return tuple(round(low * (high / low) ** (k / (AUTO_SIDES - 1))) for k in range(AUTO_SIDES))
+    return low, (high / low) ** (1 / (AUTO_SIDES - 1))
+
+
+def _auto_side(k: int, ladder: tuple[float, float]) -> int:
+    return max(MIN_AUTO_SIDE, round(ladder[0] * ladder[1] ** k))
+
+
+def _rung_at_most(length: float, ladder: tuple[float, float]) -> int:
+    """The largest k whose side is at most ``length``."""
+    k = math.floor(math.log(length / ladder[0]) / math.log(ladder[1]))
+    while _auto_side(k, ladder) > length and _auto_side(k - 1, ladder) < _auto_side(k, ladder):
+        k -= 1
+    return k
+
+
+def auto_long_sides(anchor_sizes: AnchorSizes) -> tuple[int, ...]:
+    """The long sides every photo's automatic pyramid looks at (an enlargement up to
+    ``MAX_ENLARGEMENT`` and the pixel budget allowing): ``AUTO_SIDES`` steps of its ladder."""
+    ladder = _auto_ladder(anchor_sizes)
+    return tuple(_auto_side(k, ladder) for k in range(AUTO_SIDES))
 
 
 def auto_scales(height: int, width: int, anchor_sizes: AnchorSizes, megapixels: float = AUTO_MEGAPIXELS) -> tuple[InputScale, ...]:
-    """The views of a ``height`` x ``width`` photo in an automatic pyramid.
+    """The views of a ``height`` x ``width`` photo in an automatic pyramid, each ``long:N`` with N
+    a side of one geometric ladder (:func:`_auto_ladder`), so that a detector meets a fixed set
+    of canvases (:func:`auto_canvas_sides`) whatever the photos' sizes.
 
-    The photo as it is (``x1``: its own detail, no resampling), then each of
-    :func:`auto_long_sides` unless it lies within half a step of the pyramid of a view already
-    chosen. An enlargement stops at ``MAX_ENLARGEMENT`` (``xF``), and a view above
-    ``megapixels`` shrinks to fit (``xF``, F rounded down to 1/64, so that photos of one size
-    share it); views then equal merge. So every view has one of the long sides of
-    :func:`auto_long_sides`, whose canvases a detector builds before its first pass, or no
-    fixed long side at all.
+    The photo at the side nearest its own long side (within half a step: its own detail, barely
+    resampled), then each of :func:`auto_long_sides` (the same side counts once). An enlargement
+    stops at ``MAX_ENLARGEMENT``: the sides beyond give way to the largest side within it. A view
+    above ``megapixels`` gives way to the largest side that fits.
     """
-    long_side = max(height, width)
-    sides = auto_long_sides(anchor_sizes)
-    half_step = math.log(sides[-1] / sides[0]) / (len(sides) - 1) / 2
-    fitting = max(math.floor(64 * math.sqrt(megapixels * 1e6 / (height * width))), math.ceil(64 * MIN_FACTOR)) / 64
-    views = [(1.0, InputScale("relative", factor=1.0))]
-    for side in sides:
-        factor = side / long_side
-        view = (
-            (factor, InputScale("long", side))
-            if factor <= MAX_ENLARGEMENT
-            else (MAX_ENLARGEMENT, InputScale("relative", factor=MAX_ENLARGEMENT))
-        )
-        if all(abs(math.log(view[0] / chosen)) >= half_step for chosen, _ in views):
-            views.append(view)
-    scales: list[InputScale] = []
-    for factor, scale in views:
-        if factor > fitting:
-            scale = InputScale("relative", factor=fitting)
-        if scale not in scales:
-            scales.append(scale)
-    return tuple(scales)
+    long_side, short_side = max(height, width), min(height, width)
+    ladder = _auto_ladder(anchor_sizes)
+    own = round(math.log(long_side / ladder[0]) / math.log(ladder[1]))
+    rungs = [own] + [k for k in range(AUTO_SIDES) if _auto_side(k, ladder) <= MAX_ENLARGEMENT * long_side]
+    if _auto_side(AUTO_SIDES - 1, ladder) > MAX_ENLARGEMENT * long_side:
+        rungs.append(_rung_at_most(MAX_ENLARGEMENT * long_side, ladder))
+    fitting = _rung_at_most(math.sqrt(megapixels * 1e6 * long_side / short_side), ladder)
+    sides: list[int] = []
+    for k in rungs:
+        side = _auto_side(min(k, fitting), ladder)
+        if side not in sides:
+            sides.append(side)
+    return tuple(InputScale("long", side) for side in sides)
+
+
+def auto_canvas_sides(anchor_sizes: AnchorSizes, megapixels: float = AUTO_MEGAPIXELS) -> tuple[int, ...]:
+    """The long sides of the automatic pyramids of photos from ``WARM_SMALLEST_SIDE`` pixels up
+    to those whose views the budget caps, up to an aspect of ``WARM_ASPECT``: the sides whose
+    canvases a detector builds before its first pass. Smaller photos and longer panoramas add
+    a few more sides of the same ladder, met on first use."""
+    ladder = _auto_ladder(anchor_sizes)
+    first = round(math.log(WARM_SMALLEST_SIDE / ladder[0]) / math.log(ladder[1]))
+    last = _rung_at_most(math.sqrt(megapixels * 1e6 * WARM_ASPECT), ladder)
+    return tuple(sorted({_auto_side(k, ladder) for k in range(first, max(last, AUTO_SIDES - 1) + 1)}))
 
 
 def view_factor(scale: InputScale, height: int, width: int) -> float:

@@ -19,6 +19,7 @@ from retinaface_core.preprocessing import InputScale, group_batch
 from retinaface_core.tta import (
     TTA,
     anchor_face_range,
+    auto_canvas_sides,
     auto_long_sides,
     auto_scales,
     box_vote,
@@ -241,15 +242,17 @@ def test_recommended_tta_keeps_every_confident_face(weights_dir, shared_dir):
 @pytest.mark.parametrize(
     ("height", "width", "expected"),
     [
-        # A small photo: itself, and enlarged to the pyramid's long sides.
-        (290, 400, ["x1", "long:640", "long:769", "long:923", "long:1109", "long:1332", "long:1600"]),
-        # A WIDER photo: itself stands for long:1109.
-        (683, 1024, ["x1", "long:640", "long:769", "long:923", "long:1332", "long:1600"]),
-        # Thumbnails: enlarged at most 4x, which leaves out the larger sides; a capped view is x4.
-        (150, 200, ["x1", "long:640", "long:769"]),
-        (120, 176, ["x1", "long:640", "x4"]),
-        # A 12 MP photo: itself shrunk to 4 MP (1/64 steps), then the pyramid.
-        (3000, 4000, ["x0.5625", "long:640", "long:769", "long:923", "long:1109", "long:1332", "long:1600"]),
+        # A small photo: itself (the ladder's nearest side), and enlarged to the pyramid's sides.
+        (290, 400, ["long:369", "long:640", "long:769", "long:923", "long:1109", "long:1332", "long:1600"]),
+        # A WIDER photo: itself at long:1109, one of the pyramid's sides.
+        (683, 1024, ["long:1109", "long:640", "long:769", "long:923", "long:1332", "long:1600"]),
+        # Thumbnails: enlarged at most 4x; the sides beyond give way to the largest within it.
+        (150, 200, ["long:213", "long:640", "long:769"]),
+        (120, 176, ["long:177", "long:640"]),
+        # A 12 MP photo: itself shrunk to the largest side within 4 MP, then the pyramid.
+        (3000, 4000, ["long:2308", "long:640", "long:769", "long:923", "long:1109", "long:1332", "long:1600"]),
+        # Tiny: no view below InputScale's 32 px.
+        (15, 20, ["long:32", "long:71"]),
     ],
 )
 def test_auto_pyramid_views_follow_the_photo_and_the_anchors(height, width, expected):
@@ -259,6 +262,18 @@ def test_auto_pyramid_views_follow_the_photo_and_the_anchors(height, width, expe
     assert views == auto_scales(height, width, ANCHORS_1MB)
     # A smaller budget: no view above 2 MP.
     assert all(np.prod(scale.resized_shape(height, width)) <= 2e6 for scale in auto_scales(height, width, ANCHORS_1MB, 2.0))
+
+
+def test_auto_pyramid_views_of_any_photo_come_from_one_ladder(val_sizes):
+    # Every view of every WIDER val size, and of photos from 256 px to 12 MP up to 2:1, has a long side
+    # whose canvases a detector builds before its first pass: a GPU meets no other shape.
+    sides = set(auto_canvas_sides(ANCHORS_1MB))
+    rng = np.random.default_rng(0)
+    photos = list(val_sizes) + [(int(rng.integers(128, 3000)), int(rng.integers(256, 4000))) for _ in range(2000)]
+    usual = [(h, w) for h, w in photos if max(h, w) >= 256 and max(h, w) <= 2 * min(h, w)]
+    seen = {scale.max_side for height, width in usual for scale in auto_scales(height, width, ANCHORS_1MB)}
+    assert seen <= sides, sorted(seen - sides)
+    assert len(sides) <= 16
 
 
 def test_mirrored_flips_arrays_and_tensors(noise):
@@ -291,19 +306,16 @@ def test_tta_views_run_in_full_batches_of_batch_size(random_net, noise, batch_si
 
 
 def test_auto_pyramid_canvases_are_the_ones_warm_up_builds(random_net, noise):
-    # Bucket batches of the automatic pyramid's fixed long sides land on the canvases warm_up
-    # builds; the photo's own view (x1) has no fixed long side: coarse multiples of 64.
+    # On a device that wants few shapes (fixed-size batches), bucket batches of an automatic
+    # pyramid's views land on the canvases warm_up builds.
     detector = Detector(random_net, batching="bucket", tta="flip+pyramid:auto")
-    sides = auto_long_sides(detector.config.min_sizes)
+    sides = auto_canvas_sides(detector.config.min_sizes)
     canvases = set(detector.canvases())
     assert canvases == {canvas for side in sides for canvas in ladder_canvases(side, canvas_ladder(side))}
-    for image in (noise, cv2.resize(noise, (1100, 750))):
-        scales = auto_scales(*image.shape[:2], detector.config.min_sizes)
-        assert any(scale.max_side is None for scale in scales) and any(scale.max_side for scale in scales)
-        for scale in scales:
-            groups = group_batch([image, mirrored(image)], scale, 1, detector.config.mean_bgr, "bucket", 4)
-            canvas = tuple(groups[0].host.shape[1:3])
-            assert canvas in canvases if scale.max_side else canvas[0] % 64 == canvas[1] % 64 == 0, (scale, canvas)
+    for image in (cv2.resize(noise, (420, 300)), cv2.resize(noise, (1100, 750)), cv2.resize(noise, (333, 517))):
+        for scale in auto_scales(*image.shape[:2], detector.config.min_sizes):
+            groups = group_batch([image, mirrored(image)], scale, 1, detector.config.mean_bgr, "bucket", 4, fixed_batch=True)
+            assert tuple(groups[0].host.shape[1:3]) in canvases, scale
 
 
 def unmirror(faces: Detections, width: int) -> Detections:
