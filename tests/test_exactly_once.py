@@ -8,6 +8,7 @@ signal matter.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -36,7 +37,7 @@ from jobs._samples import generated_images
 from jobs.annotate import AnnotateConfig, main, run
 from jobs.annotate.lease import RunLease
 from jobs.annotate.output import LeaseLost, OutputStore
-from jobs.annotate.shards import make_shards
+from jobs.annotate.shards import make_shards, shard_id
 from retinaface_core.storage import filesystem
 from schemas.annotation import partitioning
 
@@ -102,6 +103,16 @@ def last_json(stdout: str) -> dict:
 
 
 # --- 1. Two runs on one output: one at a time, each image once ---------------------------------
+
+
+def test_shard_ids_of_different_uri_lists_differ_even_when_a_key_holds_a_newline():
+    # An S3 key may hold a newline, the separator of the ids' text: one such key must not name
+    # the shard of the two URIs its text splits into (one would overwrite the other's rows).
+    joined, split = ["s3://b/a\ns3://b/c"], ["s3://b/a", "s3://b/c"]
+    assert shard_id(joined) != shard_id(split)
+    assert shard_id(["s3://b/x\n", "y"]) != shard_id(["s3://b/x", "\ny"])
+    # Lists without such a key keep the ids existing outputs were written with.
+    assert shard_id(split) == hashlib.sha256(b"s3://b/a\ns3://b/c").hexdigest()[:16]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -34,7 +34,13 @@ def make_shards(uris: Sequence[str] | pa.Array | pa.ChunkedArray, images_per_sha
 
 
 def shard_id(uris: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(uris).encode()).hexdigest()[:16]
+    """The hash naming a shard of these URIs. URIs are joined by newlines; where one holds a
+    newline itself (an S3 key may) that join is ambiguous, so such a list is hashed in a
+    length-prefixed form instead, set apart by a leading NUL (no URI starts with one): two
+    different lists never share a text to hash, and the ids of existing outputs stay as they were."""
+    ambiguous = any("\n" in uri for uri in uris)
+    text = "\0" + "".join(f"{len(uri)}:{uri}" for uri in uris) if ambiguous else "\n".join(uris)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def shard_table(shards: Sequence[Shard], retry: bool) -> pa.Table:
