@@ -34,6 +34,11 @@ def wider_bucket(shared_dir, gt_dir, make_bucket, s3_server):
     return bucket, images
 
 
+def run_evaluate(bucket: str, output: str, *flags: str, images: str = "val/images") -> int:
+    """``jobs.evaluate`` on the bucket's ``images`` prefix against its ground truth, writing ``output``."""
+    return evaluate_job.main(["--images", f"s3://{bucket}/{images}", "--ground-truth", f"s3://{bucket}/gt", "--output", output, *flags])
+
+
 def direct_evaluation(images, scale, gt_dir):
     detector = Detector(scale=scale, score_threshold=0.02, nms_iou=0.4, top_k=5000, keep_top_k=750)
     predictions = {}
@@ -48,23 +53,7 @@ def direct_evaluation(images, scale, gt_dir):
 def test_evaluate_job_matches_the_in_package_evaluation(ray_session, wider_bucket, gt_dir, scale, capsys):
     bucket, images = wider_bucket
     out = f"s3://{bucket}/eval/{scale.replace(':', '')}"
-    code = evaluate_job.main(
-        [
-            "--images",
-            f"s3://{bucket}/val/images",
-            "--ground-truth",
-            f"s3://{bucket}/gt",
-            "--output",
-            out,
-            "--scale",
-            scale,
-            "--subset",
-            "--actors",
-            "1",
-            "--batch-size",
-            "4",
-        ]
-    )
+    code = run_evaluate(bucket, out, "--scale", scale, "--subset", "--actors", "1", "--batch-size", "4")
     assert code == 0
     printed = capsys.readouterr().out
     assert "| easy |" in printed and "12 images" in printed
@@ -88,16 +77,7 @@ def test_images_outside_the_val_set_are_refused(ray_session, wider_bucket, share
     bucket, _ = wider_bucket
     fs = s3fs.S3FileSystem()
     fs.pipe(f"{bucket}/other/images/0--Parade/not_a_val_image.jpg", (shared_dir / "images/crowd_baseball.jpg").read_bytes())
-    code = evaluate_job.main(
-        [
-            "--images",
-            f"s3://{bucket}/other/images",
-            "--ground-truth",
-            f"s3://{bucket}/gt",
-            "--output",
-            f"s3://{bucket}/eval/bad",
-        ]
-    )
+    code = run_evaluate(bucket, f"s3://{bucket}/eval/bad", images="other/images")
     assert code == 2
     assert "not WIDER val images" in capsys.readouterr().err
 
@@ -114,21 +94,7 @@ def test_evaluate_a_registry_version_records_it(ray_session, wider_bucket, tmp_p
     )
     assert registry.promote("v0001").promoted
     out = f"s3://{bucket}/eval/registry"
-    code = evaluate_job.main(
-        [
-            "--images",
-            f"s3://{bucket}/val/images",
-            "--ground-truth",
-            f"s3://{bucket}/gt",
-            "--output",
-            out,
-            "--weights",
-            registry.uri,
-            "--scale",
-            "long:320",
-            "--subset",
-        ]
-    )
+    code = run_evaluate(bucket, out, "--weights", registry.uri, "--scale", "long:320", "--subset")
     assert code == 0, capsys.readouterr().err
     report = json.loads(s3fs.S3FileSystem().cat(f"{out}/ap.json"))
     assert report["model_version"] == "v0001"
